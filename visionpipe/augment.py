@@ -1,0 +1,85 @@
+"""Albumentations pipelines from config: any transform by name, validated at load time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import albumentations as A
+from pydantic import Field, field_validator
+
+from visionpipe.config import Block
+from visionpipe.errors import did_you_mean
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _transform_names() -> list[str]:
+    return sorted(n for n in dir(A) if isinstance(getattr(A, n), type)
+                  and issubclass(getattr(A, n), A.BasicTransform | A.BaseCompose))
+
+
+def build_transform(spec: dict[str, Any]) -> Any:
+    """``{name: HorizontalFlip, p: 0.5}`` → the albumentations transform; ValueError names the problem."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"each transform is a mapping with 'name' and its arguments (got {spec!r})")
+    args = {k: v for k, v in spec.items() if k != "name"}
+    name = spec["name"]
+    cls = getattr(A, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform | A.BaseCompose)):
+        raise ValueError(f"unknown albumentations transform '{name}'{did_you_mean(name, _transform_names())}")
+    if issubclass(cls, A.BaseCompose):  # OneOf, SomeOf, Sequential: nested lists
+        args["transforms"] = [build_transform(t) for t in args.get("transforms", [])]
+    try:
+        return cls(**args)
+    except Exception as e:  # albumentations validates arguments itself (pydantic)
+        msg = str(e).strip().splitlines()
+        raise ValueError(f"{name}: invalid arguments {args}: {' '.join(msg[:3])}") from None
+
+
+class AugmentConfig(Block):
+    """Augmentation: albumentations transforms by name for train and eval, then resize + normalize."""
+
+    image_size: tuple[int, int] = Field((224, 224), description="(height, width) fed to the model")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="normalization mean (RGB, 0..1)")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="normalization std (RGB, 0..1)")
+    train: list[dict[str, Any]] = Field(default_factory=list, description="train-time transforms, in order")
+    eval: list[dict[str, Any]] = Field(default_factory=list, description="eval/predict-time transforms before resize")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _valid(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, t in enumerate(v):
+            try:
+                build_transform(t)
+            except ValueError as e:
+                raise ValueError(f"[{i}] {e}") from None
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8:
+            raise ValueError(f"must be at least 8 pixels a side (got {v})")
+        return v
+
+
+def compose(specs: list[dict[str, Any]], tail: list[Any], **kw: Any) -> A.Compose:
+    """A Compose of the user's transforms followed by ``tail`` (resize/normalize)."""
+    return A.Compose([build_transform(s) for s in specs] + tail, **kw)
+
+
+def resize_normalize(cfg: AugmentConfig) -> list[Any]:
+    """The resize + normalize steps that eval, export and predict share."""
+    h, w = cfg.image_size
+    return [A.Resize(h, w), A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0)]
+
+
+def serialize(t: A.Compose) -> dict[str, Any]:
+    """A JSON-able description of a pipeline, rebuilt with :func:`deserialize` at predict time."""
+    return A.to_dict(t)
+
+
+def deserialize(d: dict[str, Any]) -> A.Compose:
+    """Inverse of :func:`serialize`."""
+    return A.from_dict(d)

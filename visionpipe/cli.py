@@ -1,0 +1,254 @@
+"""The `visionpipe` command line (typer). Errors become one red line and a non-zero exit code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from visionpipe import __version__
+from visionpipe.errors import ConfigError, VisionpipeError
+
+app = typer.Typer(
+    name="visionpipe", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Declarative computer-vision pipelines: train, evaluate, export to ONNX and predict from one YAML file.",
+)
+err = Console(stderr=True)
+out = Console()
+_state = {"debug": False}
+
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override a config value: dotted.key=value (repeatable), e.g. --set train.epochs=3")]
+
+
+def _setup_logging(debug: bool) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", force=True,
+                        handlers=[RichHandler(console=err, show_path=debug, rich_tracebacks=debug,
+                                              markup=False)])
+    for noisy in ("matplotlib", "PIL", "onnxscript", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
+          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    _state["debug"] = debug
+    _setup_logging(debug)
+    if version:
+        out.print(f"visionpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def run(
+    pipeline: Annotated[Optional[Path], typer.Argument(help="Pipeline YAML file.", show_default=False)] = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Write the run here instead of <output>/<name>.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its last checkpoint.")] = None,
+) -> None:
+    """Run a pipeline: load → augment → model → train → evaluate → export → predict."""
+    from visionpipe.pipeline import RunAlreadyFinished, run_pipeline
+
+    if pipeline is None and resume is None:
+        raise VisionpipeError("give a PIPELINE file, or --resume RUN_DIR")
+    try:
+        ctx = run_pipeline(str(pipeline) if pipeline else None, set_ or [],
+                           run_dir=str(run_dir) if run_dir else None, resume=str(resume) if resume else None)
+    except RunAlreadyFinished as e:
+        err.print(f"[yellow]{escape(str(e))}[/]")
+        return
+    _print_summary(ctx)
+
+
+def _print_summary(ctx) -> None:
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    table = Table(title=f"{ctx.cfg.task}: {ctx.run_dir}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in ctx.metrics.items():
+        if isinstance(v, (int, float)) and v is not None:
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+    for name, p in ctx.outputs.items():
+        out.print(f"{name}: {p}")
+
+
+@app.command()
+def validate(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
+    set_: SetOpt = None,
+) -> None:
+    """Check a pipeline without running it and print the resolved config."""
+    from visionpipe.config import dump_yaml, load_config
+
+    loaded = load_config(str(pipeline), set_ or [])
+    out.print(dump_yaml(loaded.resolved_dict()), end="", markup=False, highlight=False)
+    err.print(f"[green]ok[/]: {pipeline} (task {loaded.config.task}; stages: "
+              f"{', '.join(loaded.config.stage_list(loaded.extra_stages))})")
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List loaded plugins, their versions and what each registers; broken ones with their error."""
+    from visionpipe.manager import get_manager
+
+    mgr = get_manager()
+    rows = []
+    tasks = mgr.tasks
+    for info in mgr.infos:
+        models = sorted({m for t in info.tasks if t in tasks for m in tasks[t].models})
+        rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
+                     "entry_point": info.entry_point, "tasks": info.tasks, "models": models,
+                     "stages": info.stages, "error": info.error})
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="visionpipe plugins")
+    for col in ("plugin", "version", "tasks", "models", "stages", "status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], f"{r['distribution'] or '?'} {r['version'] or ''}", ", ".join(r["tasks"]),
+                      ", ".join(r["models"][:12]) + (" …" if len(r["models"]) > 12 else ""), ", ".join(r["stages"]),
+                      f"[red]failed: {r['error']}[/]" if r["error"] else "[green]ok[/]")
+    out.print(table)
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="A run folder (uses checkpoints/best.pt) or a .pt checkpoint.")],
+    format: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: <run>/model.onnx).")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Max abs difference allowed in the parity check.")] = 1e-3,
+) -> None:
+    """Export a trained model to ONNX, checked for numerical parity against PyTorch."""
+    from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
+    from visionpipe.export.onnx import export_onnx
+
+    if format != "onnx":
+        raise VisionpipeError(f"--format {format}: only 'onnx' is supported")
+    ckpt = source / "checkpoints" / "best.pt" if source.is_dir() else source
+    task, model, state = task_and_model_from_checkpoint(ckpt)
+    data = None
+    try:  # real inputs for the parity check, when the data is still where the config says
+        data = task.build_data()
+        if hasattr(task, "augment"):
+            task.augment(data)
+    except VisionpipeError as e:
+        logging.getLogger(__name__).warning("training data not available (%s); parity uses synthetic inputs", e)
+    spec = task.export_spec(model, data, state.get("info", {}), 4)
+    target = out_file or ((source if source.is_dir() else ckpt.parent.parent) / "model.onnx")
+    report = export_onnx(spec, target, opset=opset, tolerance=tolerance)
+    out.print(f"exported {target} (parity max abs diff {report['max_abs_diff']:.2e})")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="An exported .onnx model (or a .pt checkpoint).")],
+    source: Annotated[Optional[str], typer.Argument(help="Image file, folder (recursive), glob or .txt list.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per image (classification).")] = 5,
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also write images with predictions drawn.")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: process every N-th input from I (default: from torchrun's RANK/WORLD_SIZE).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoder threads (default: cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="onnxruntime intra-op threads.")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Generative tasks: random seed.")] = 0,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text generation: the prompt.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Task option key=value (repeatable).")] = None,
+) -> None:
+    """Run an exported model over files in streaming batches; writes predictions.jsonl and errors.jsonl."""
+    import yaml
+
+    from visionpipe.infer.backends import open_backend
+    from visionpipe.manager import get_manager
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise VisionpipeError(f"--device {device}: use cpu, cuda or auto")
+    backend, metadata = open_backend(str(model), device=device, threads=threads)
+    task_cls = get_manager().task(metadata.get("task", "?"))
+    opts = {"batch_size": batch_size, "top_k": top_k, "save_images": save_images, "shard": shard,
+            "workers": workers, "num": num, "seed": seed, "prompt": prompt}
+    for item in option or []:
+        if "=" not in item:
+            raise VisionpipeError(f"--option expects key=value (got '{item}')")
+        k, v = item.split("=", 1)
+        opts[k] = yaml.safe_load(v)
+    summary = task_cls.predict(backend, metadata, source, out_dir, opts)
+    out.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+def merge(
+    folder: Annotated[Path, typer.Argument(help="Folder with predictions.shard*.jsonl from `predict --shard`.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where to write the merged files.")] = None,
+) -> None:
+    """Merge the outputs of sharded predict runs into one predictions.jsonl / errors.jsonl."""
+    from visionpipe.infer.runner import merge_outputs
+
+    out.print_json(json.dumps(merge_outputs(folder, out_dir)))
+
+
+def _register_plugin_commands() -> None:
+    from visionpipe.manager import get_manager
+
+    try:
+        get_manager().hook.visionpipe_register_commands(app=app)
+    except Exception as e:  # a plugin's CLI must not break ours
+        logging.getLogger(__name__).warning("a plugin failed to add commands: %s", e)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_plugin_commands()
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except SystemExit as e:
+        raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("[red]aborted[/]")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: outputs written so far are complete; resume with --resume RUN_DIR")
+        sys.exit(130)
+    except ConfigError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except VisionpipeError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if debug:
+            traceback.print_exc()
+        err.print(f"[red]error:[/] {escape(type(e).__name__ + ': ' + str(e))} (run with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)

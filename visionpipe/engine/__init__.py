@@ -1,0 +1,1 @@
+"""The training engine: loop, optimizers, checkpoints, distributed helpers, meters."""

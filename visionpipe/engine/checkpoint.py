@@ -1,0 +1,97 @@
+"""Checkpoints: one dict of plain data and tensors, written atomically, read with weights_only."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visionpipe.errors import VisionpipeError
+from visionpipe.io import atomic_path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically (a killed run never leaves half a file)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; never falls back to full unpickling."""
+    p = Path(path)
+    if not p.is_file():
+        raise VisionpipeError(f"{p}: checkpoint not found")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt file or disallowed global: refuse, say why
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VisionpipeError(f"{p}: cannot load checkpoint safely (weights_only=True): {first}") from None
+    if not isinstance(obj, dict):
+        raise VisionpipeError(f"{p}: not a visionpipe checkpoint or state dict (got {type(obj).__name__})")
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain data."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def extract_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights inside a visionpipe checkpoint or a plain/nested state dict file."""
+    for key in ("ema", "model", "state_dict", "model_state_dict"):
+        if key in obj and isinstance(obj[key], dict) and obj[key]:
+            return obj[key]
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise VisionpipeError("no model weights found (expected a state dict or a dict with 'model'/'state_dict')")
+
+
+def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = False,
+                      prefix: str = "", skip_mismatched: bool = True) -> dict[str, list[str]]:
+    """Load local weights into ``model``; shape-mismatched keys (e.g. a new head) are skipped and reported."""
+    sd = extract_state_dict(load_checkpoint(path))
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if mismatched and not skip_mismatched:
+        raise VisionpipeError(f"{path}: shape mismatch for {', '.join(mismatched[:5])}")
+    sd = {k: v for k, v in sd.items() if k not in mismatched}
+    res = model.load_state_dict(sd, strict=False)
+    if strict and (res.missing_keys or res.unexpected_keys):
+        raise VisionpipeError(f"{path}: missing {res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
+    if not set(sd) & set(own):
+        raise VisionpipeError(f"{path}: none of its {len(sd)} tensors match this model's parameter names")
+    return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys), "mismatched": mismatched}

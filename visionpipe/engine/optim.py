@@ -1,0 +1,68 @@
+"""Optimizers and LR schedulers from the train block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from visionpipe.config import OptimizerConfig, SchedulerConfig
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov) or Adam/AdamW over the given parameter groups."""
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int) -> Any | None:
+    """The epoch-level scheduler named in ``cfg`` (None for 'none')."""
+    if cfg.name == "none":
+        return None
+    if cfg.name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
+    if cfg.name == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
+    if cfg.name == "cosine":
+        t_max = cfg.t_max or max(1, epochs - int(cfg.warmup_epochs))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=cfg.eta_min)
+    if cfg.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.factor, patience=cfg.patience)
+    raise ValueError(cfg.name)
+
+
+class Warmup:
+    """Linear per-step LR warm-up in front of any epoch scheduler; its state is the step count."""
+
+    def __init__(self, opt: torch.optim.Optimizer, steps: int, start_factor: float) -> None:
+        self.opt, self.steps, self.start = opt, steps, start_factor
+        self.base = [g["lr"] for g in opt.param_groups]
+        self.done = steps <= 0
+
+    def step(self, global_step: int) -> None:
+        """Set the LR for ``global_step`` (0-based) while warming up."""
+        if self.done:
+            return
+        if global_step >= self.steps:
+            for g, b in zip(self.opt.param_groups, self.base):
+                g["lr"] = b
+            self.done = True
+            return
+        f = self.start + (1.0 - self.start) * global_step / self.steps
+        for g, b in zip(self.opt.param_groups, self.base):
+            g["lr"] = b * f
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain state for checkpoints."""
+        return {"base": self.base, "done": self.done, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.base, self.done, self.steps = list(state["base"]), bool(state["done"]), int(state["steps"])

@@ -1,0 +1,1 @@
+"""Model export (ONNX) with parity checks."""

@@ -1,0 +1,1 @@
+"""Batch inference: sources, backends, the streaming runner."""

@@ -1,0 +1,91 @@
+"""Atomic file writes: a temporary file in the same folder, fsync, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+TMP_PREFIX = ".vp-tmp-"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kw: Any) -> Iterator[IO]:
+    """Open a temporary sibling of ``path``; on success move it into place, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_path(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary path next to ``path`` for writers that take a filename."""
+
+    @contextlib.contextmanager
+    def _ctx() -> Iterator[Path]:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent,
+                                   suffix=target.suffix)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    return _ctx()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (indented, keys in insertion order)."""
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def append_jsonl(f: IO, record: dict) -> None:
+    """Append one JSON line and flush it to disk."""
+    f.write(json.dumps(record, default=str) + "\n")
+    f.flush()
+
+
+def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary files left by a killed writer under ``folder``; return them."""
+    removed = []
+    root = Path(folder)
+    if root.is_dir():
+        for p in root.rglob(TMP_PREFIX + "*"):
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,158 @@
+"""Plugin manager: loads every plugin of the ``visionpipe`` entry-point group, one path for all."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from visionpipe import hookspecs
+from visionpipe.errors import VisionpipeError, unknown_name
+
+if TYPE_CHECKING:
+    from visionpipe.pipeline import StageDef
+    from visionpipe.task import Task
+
+log = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "visionpipe"
+
+
+@dataclass
+class PluginInfo:
+    """What `visionpipe plugins` shows for one plugin."""
+
+    name: str
+    entry_point: str
+    distribution: str | None
+    version: str | None
+    tasks: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    error: str | None = None
+    detail: str | None = None
+
+
+class PluginManager:
+    """A pluggy manager plus the registries that plugins fill."""
+
+    def __init__(self, load_entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager("visionpipe")
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: list[PluginInfo] = []
+        self._tasks: dict[str, type[Task]] | None = None
+        self._stages: dict[str, StageDef] | None = None
+        self._task_owner: dict[str, str] = {}
+        if load_entry_points:
+            self.load_entry_points()
+
+    @property
+    def hook(self) -> Any:
+        """The pluggy hook relay (``manager.hook.visionpipe_before_stage(...)``)."""
+        return self.pm.hook
+
+    def load_entry_points(self) -> None:
+        """Import every entry point of the group; record failures instead of raising."""
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(ep.name, f"{ep.group}.{ep.name} = {ep.value}",
+                              dist.name if dist else None, dist.version if dist else None)
+            self.infos.append(info)
+            if self.pm.get_plugin(ep.name) is not None:
+                info.error = "another plugin with this name is already registered"
+                continue
+            try:
+                plugin = ep.load()
+                self.register(plugin, ep.name, info)
+            except Exception as e:  # a broken plugin must not break the tool
+                info.error = f"{type(e).__name__}: {e}"
+                info.detail = traceback.format_exc()
+                log.debug("plugin %s failed to load", ep.name, exc_info=True)
+
+    def register(self, plugin: ModuleType | object, name: str | None = None, info: PluginInfo | None = None) -> None:
+        """Register a plugin object or module (tests use this for in-process plugins)."""
+        if isinstance(plugin, type):
+            raise VisionpipeError(f"plugin {plugin.__name__} is a class; register an instance or a module")
+        self.pm.register(plugin, name=name)
+        if info is None:
+            info = PluginInfo(name or str(plugin), "<registered in code>", None, None)
+            self.infos.append(info)
+        self._tasks = self._stages = None
+        # collect what this plugin registers right away, so failures are attributed to it
+        try:
+            tasks: list = []
+            hook = getattr(plugin, "visionpipe_register_tasks", None)
+            if hook:
+                hook(register=tasks.append)
+            stages: list = []
+            hook = getattr(plugin, "visionpipe_register_stages", None)
+            if hook:
+                hook(register=stages.append)
+        except Exception as e:
+            self.pm.unregister(plugin)
+            raise e
+        info.tasks = [t.name for t in tasks]
+        info.stages = [s.name for s in stages]
+
+    @property
+    def tasks(self) -> dict[str, type[Task]]:
+        """Task name → task class, from every loaded plugin."""
+        if self._tasks is None:
+            out: dict[str, type[Task]] = {}
+            for info in self.infos:
+                if info.error:
+                    continue
+                plugin = self.pm.get_plugin(info.name)
+                hook = getattr(plugin, "visionpipe_register_tasks", None)
+                if plugin is None or hook is None:
+                    continue
+                found: list = []
+                hook(register=found.append)
+                for t in found:
+                    if t.name in out:
+                        log.warning("task %r from plugin %r shadows one registered earlier", t.name, info.name)
+                    out[t.name] = t
+                    self._task_owner[t.name] = info.name
+            self._tasks = out
+        return self._tasks
+
+    @property
+    def stages(self) -> dict[str, StageDef]:
+        """Extra stage name → StageDef, from every loaded plugin."""
+        if self._stages is None:
+            found: list = []
+            self.pm.hook.visionpipe_register_stages(register=found.append)
+            self._stages = {s.name: s for s in found}
+        return self._stages
+
+    def task(self, name: str) -> type[Task]:
+        """The task class called ``name``; a clear error listing valid names otherwise."""
+        tasks = self.tasks
+        if name not in tasks:
+            raise VisionpipeError(unknown_name("task", name, tasks))
+        return tasks[name]
+
+    def owner_of(self, task: str) -> str | None:
+        """Name of the plugin that registered ``task``."""
+        self.tasks
+        return self._task_owner.get(task)
+
+
+_manager: PluginManager | None = None
+
+
+def get_manager() -> PluginManager:
+    """The process-wide plugin manager, created (and entry points loaded) on first use."""
+    global _manager
+    if _manager is None:
+        _manager = PluginManager()
+    return _manager
+
+
+def reset_manager() -> None:
+    """Forget the process-wide manager (tests; after installing a plugin)."""
+    global _manager
+    _manager = None

@@ -1,0 +1,426 @@
+"""The stage runner and the run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from visionpipe import __version__
+from visionpipe.config import LoadedConfig, PipelineConfig, TrainConfig, dump_yaml, load_config
+from visionpipe.engine import distributed as dist
+from visionpipe.engine.checkpoint import load_checkpoint, seed_everything
+from visionpipe.errors import VisionpipeError
+from visionpipe.io import append_jsonl, clean_stale_tmp, sha256_file, write_json, write_text
+from visionpipe.manager import PluginManager, get_manager
+from visionpipe.paths import resolve_under
+from visionpipe.task import DataBundle, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageDef:
+    """A stage kind contributed by a plugin."""
+
+    name: str
+    run: Callable[[RunContext, Any], Any]
+    """Called as ``run(ctx, block)`` with the validated config block."""
+    config: type[BaseModel] | None = None
+    description: str = ""
+
+
+@dataclass
+class RunContext:
+    """What stages share: config, task, device, run folder, data, model, metrics."""
+
+    loaded: LoadedConfig
+    task: Task
+    manager: PluginManager
+    run_dir: Path
+    device: torch.device
+    resume_state: dict[str, Any] | None = None
+    data: DataBundle | None = None
+    model: torch.nn.Module | None = None
+    trainer: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> PipelineConfig:
+        """The validated pipeline config."""
+        return self.loaded.config
+
+    @property
+    def seed(self) -> int:
+        """The run's seed."""
+        return self.cfg.seed
+
+    @property
+    def hook(self) -> Any:
+        """Plugin hooks (``ctx.hook.visionpipe_...``)."""
+        return self.manager.hook
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """The resolved config as plain data."""
+        return self.loaded.resolved_dict()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Data info (class names, ...), from the data or the checkpoint being resumed."""
+        if self.data is not None:
+            return self.data.info
+        if self.resume_state is not None:
+            return self.resume_state.get("info", {})
+        return {}
+
+    def path(self, *parts: str) -> Path:
+        """A path inside the run folder (parent folders created)."""
+        p = self.run_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def append_epoch_metrics(self, metrics: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (rank 0)."""
+        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            append_jsonl(f, metrics)
+
+    def tensorboard(self) -> Any:
+        """A TensorBoard SummaryWriter on <run>/tb (None off rank 0 or without tensorboard)."""
+        if not dist.is_main():
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; no event files are written")
+            return None
+        return SummaryWriter(log_dir=str(self.run_dir / "tb"))
+
+
+# ---------------------------------------------------------------------------- device / run dir
+
+
+def pick_device(setting: str) -> torch.device:
+    """cuda when asked or available (auto), else cpu; a clear error when cuda is asked but absent."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise VisionpipeError("device: cuda was asked for but no CUDA device is available (use device: auto or cpu)")
+    if setting in ("cuda", "auto") and torch.cuda.is_available():
+        local = dist.env_world()[2]
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def new_run_dir(cfg: PipelineConfig) -> Path:
+    """<output>/<name>, or <name>-2, -3 ... when taken."""
+    root = Path(cfg.output).resolve()
+    base = resolve_under(root, cfg.name or "run", what="run name")
+    path, i = base, 2
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return path
+
+
+def git_commit() -> str | None:
+    """HEAD of the git repository around the current folder, if any."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def versions(manager: PluginManager) -> dict[str, Any]:
+    """Versions of Python, the main libraries and every plugin."""
+    import importlib.metadata as md
+
+    out: dict[str, Any] = {"python": platform.python_version(), "visionpipe": __version__,
+                           "platform": platform.platform()}
+    for pkg in ("torch", "torchvision", "onnx", "onnxruntime", "albumentations", "pycocotools", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    out["plugins"] = {i.name: {"version": i.version, "error": i.error} for i in manager.infos}
+    return out
+
+
+# ---------------------------------------------------------------------------- built-in stages
+
+
+def stage_load(ctx: RunContext) -> dict[str, Any]:
+    """Load the datasets and report unreadable inputs."""
+    ctx.data = ctx.task.build_data()
+    if ctx.data.skipped:
+        with open(ctx.path("data_errors.jsonl"), "w", encoding="utf-8") as f:
+            for b in ctx.data.skipped:
+                append_jsonl(f, {"path": b.path, "error": b.reason})
+        log.warning("%d unreadable input(s) skipped; see %s", len(ctx.data.skipped), ctx.path("data_errors.jsonl"))
+    sizes = {k: len(getattr(ctx.data, k)) for k in ("train", "val", "test") if getattr(ctx.data, k) is not None}
+    log.info("data: %s", ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    return {"sizes": sizes, "skipped": len(ctx.data.skipped)}
+
+
+def stage_augment(ctx: RunContext) -> dict[str, Any]:
+    """Attach the augment block's transforms (train and eval) to the datasets."""
+    if ctx.data is None:
+        raise VisionpipeError("stage 'augment' needs the 'load' stage before it")
+    return {"augment": ctx.task.augment(ctx.data) if hasattr(ctx.task, "augment") else None}
+
+
+def stage_model(ctx: RunContext) -> dict[str, Any]:
+    """Build the model (and load local weights if the model block names them)."""
+    ctx.model = ctx.task.build_model(ctx.info).to(ctx.device)
+    n = sum(p.numel() for p in ctx.model.parameters())
+    trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
+    log.info("model: %s parameters (%s trainable)", f"{n:,}", f"{trainable:,}")
+    return {"parameters": n, "trainable": trainable}
+
+
+def stage_train(ctx: RunContext) -> dict[str, Any]:
+    """Fit the model with the shared engine; then keep the best weights for what follows."""
+    from visionpipe.engine.trainer import Trainer
+
+    if ctx.model is None or ctx.data is None or ctx.data.train is None:
+        raise VisionpipeError("stage 'train' needs 'load' (with a train split) and 'model' before it")
+    cfg = ctx.cfg.train
+    trainer = Trainer(ctx.task, ctx.model, ctx, cfg)
+    ctx.trainer = trainer
+    if ctx.resume_state is not None:
+        trainer.load_state_dict(ctx.resume_state)
+        log.info("resumed at epoch %d/%d", trainer.epoch, cfg.epochs)
+    stopped_early = trainer.finished and cfg.early_stopping and trainer.bad_epochs >= cfg.early_stopping.patience
+    if trainer.epoch >= cfg.epochs or stopped_early:
+        log.info("training already finished (epoch %d/%d); not training again", trainer.epoch, cfg.epochs)
+    else:
+        trainer.fit(ctx.data.train, ctx.data.val, ctx.data.collate_fn)
+    dist.barrier()
+    best = ctx.run_dir / "checkpoints" / "best.pt"
+    state = load_checkpoint(best, map_location=ctx.device)
+    ctx.model.load_state_dict(state.get("ema") or state["model"])
+    ctx.metrics.update({"train/epochs": trainer.epoch, "train/best_" + trainer.monitor: trainer.best})
+    return {"epochs": trainer.epoch, "best": trainer.best, "monitor": trainer.monitor}
+
+
+def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
+    """Score the model on the evaluation split; write metrics.json and plots."""
+    from visionpipe.engine.trainer import make_loader
+    from visionpipe.plots import plot_history
+
+    if not dist.is_main():
+        return {}
+    cfg = ctx.cfg.evaluate
+    split = cfg.split if cfg else "val"
+    ds = getattr(ctx.data, split, None) if ctx.data else None
+    if ds is None or ctx.model is None:
+        raise VisionpipeError(f"stage 'evaluate' needs a model and a '{split}' split (stages 'load' and 'model')")
+    train_cfg = ctx.cfg.train or TrainConfig()
+    bs = (cfg.batch_size if cfg and cfg.batch_size else None) or train_cfg.batch_size
+    loader = make_loader(ds, bs, train=False, seed=0, epoch=0, cfg=train_cfg, collate_fn=ctx.data.collate_fn,
+                         device=ctx.device)
+    ctx.model.eval()
+    with torch.no_grad():
+        res = ctx.task.evaluate(ctx.model, loader, device=ctx.device, out_dir=ctx.run_dir)
+    ctx.metrics.update({f"{split}/{k}": v for k, v in res.items()})
+    history = ctx.trainer.history if ctx.trainer else _read_history(ctx.run_dir)
+    if history:
+        plot_history(history, ctx.path("plots", "curves.png"))
+    return {k: v for k, v in res.items() if isinstance(v, (int, float))}
+
+
+def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    p = run_dir / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def stage_export(ctx: RunContext) -> dict[str, Any]:
+    """Export to ONNX with a parity check; fail when outside tolerance."""
+    from visionpipe.export.onnx import export_onnx
+
+    if not dist.is_main():
+        return {}
+    if ctx.model is None:
+        raise VisionpipeError("stage 'export' needs the 'model' stage before it")
+    cfg = ctx.cfg.export
+    ctx.model.eval()
+    spec = ctx.task.export_spec(ctx.model.cpu(), ctx.data, ctx.info, cfg.parity_samples)
+    out = resolve_under(ctx.run_dir, cfg.file, what="export.file")
+    report = export_onnx(spec, out, opset=cfg.opset, tolerance=cfg.tolerance, dynamic_batch=cfg.dynamic_batch)
+    ctx.model.to(ctx.device)
+    ctx.outputs["onnx"] = str(out)
+    ctx.manifest["export"] = report
+    ctx.metrics["export/max_abs_diff"] = report["max_abs_diff"]
+    return report
+
+
+def stage_predict(ctx: RunContext) -> dict[str, Any]:
+    """Predict over the predict block's source with the exported model (or the PyTorch model)."""
+    from visionpipe.infer.backends import open_backend
+
+    if not dist.is_main():
+        return {}
+    cfg = ctx.cfg.predict
+    model_path = ctx.outputs.get("onnx") or (ctx.run_dir / "checkpoints" / "best.pt")
+    backend, metadata = open_backend(str(model_path), device=cfg.device)
+    out_dir = resolve_under(ctx.run_dir, cfg.out, what="predict.out")
+    opts = {"batch_size": cfg.batch_size, "top_k": cfg.top_k, "save_images": cfg.save_images}
+    task_cls = ctx.manager.task(metadata["task"])
+    summary = task_cls.predict(backend, metadata, cfg.source, out_dir, opts)
+    ctx.outputs["predictions"] = str(out_dir)
+    return summary
+
+
+BUILTIN_STAGES: dict[str, Callable[[RunContext], Any]] = {
+    "load": stage_load, "augment": stage_augment, "model": stage_model, "train": stage_train,
+    "evaluate": stage_evaluate, "export": stage_export, "predict": stage_predict,
+}
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+def _setup_file_log(run_dir: Path) -> logging.Handler:
+    h = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(h)
+    return h
+
+
+def _write_manifest(ctx: RunContext, status: str) -> None:
+    m = ctx.manifest
+    m["status"] = status
+    outs = {}
+    for p in sorted(ctx.run_dir.rglob("*")):
+        if p.is_file() and p.suffix in (".pt", ".onnx", ".json", ".jsonl", ".png", ".yaml", ".data") \
+                and p.name != "manifest.json" and "tb" not in p.relative_to(ctx.run_dir).parts[:1]:
+            outs[str(p.relative_to(ctx.run_dir))] = sha256_file(p)
+    m["outputs"] = outs
+    write_json(ctx.run_dir / "manifest.json", m)
+
+
+def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_dir: str | None = None,
+                 resume: str | None = None, manager: PluginManager | None = None) -> RunContext:
+    """Run a pipeline file (or resume a run folder); return the finished run context."""
+    manager = manager or get_manager()
+    resume_state = None
+    if resume:
+        rd = Path(resume)
+        cfg_file = rd / "config.yaml"
+        if not cfg_file.is_file():
+            raise VisionpipeError(f"{rd}: not a run folder (no config.yaml)")
+        loaded = load_config(str(cfg_file), overrides, manager=manager)
+        run_path = rd.resolve()
+        manifest_file = run_path / "manifest.json"
+        if manifest_file.is_file():
+            prev = json.loads(manifest_file.read_text())
+            if prev.get("status") == "finished" and not overrides:
+                log.info("run %s already finished (stages: %s); nothing to do", run_path,
+                         ", ".join(prev.get("stages_done", [])))
+                raise RunAlreadyFinished(str(run_path))
+        last = run_path / "checkpoints" / "last.pt"
+        if last.is_file():
+            resume_state = load_checkpoint(last)
+    else:
+        loaded = load_config(path, overrides, manager=manager)
+        run_path = Path(run_dir).resolve() if run_dir else new_run_dir(loaded.config)
+    cfg = loaded.config
+    device = pick_device(cfg.device)
+    distributed = dist.init_distributed(device)
+    if distributed:
+        run_path = Path(dist.broadcast_object(str(run_path)))
+    seed_everything(cfg.seed + dist.rank())
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    task = manager.task(cfg.task)(cfg, None)
+    ctx = RunContext(loaded, task, manager, run_path, device, resume_state=resume_state)
+    task.ctx = ctx
+    handler = None
+    if dist.is_main():
+        run_path.mkdir(parents=True, exist_ok=True)
+        stale = clean_stale_tmp(run_path)
+        if stale:
+            log.info("removed %d stale temporary file(s) from a killed run", len(stale))
+        handler = _setup_file_log(run_path)
+        write_text(run_path / "config.yaml", dump_yaml(loaded.resolved_dict()))
+    inputs = {}
+    if path and Path(path).is_file():
+        inputs[str(path)] = sha256_file(path)
+    ctx.manifest.update({
+        "visionpipe_manifest": 1, "task": cfg.task, "name": cfg.name, "seed": cfg.seed,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "world_size": dist.world_size(), "command": sys.argv, "cwd": os.getcwd(), "git_commit": git_commit(),
+        "versions": versions(manager), "inputs": inputs, "stages": {}, "stages_done": [],
+        "resumed_from_epoch": resume_state.get("epoch") if resume_state else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    log.info("run folder: %s (device %s)", run_path, device)
+    ctx.hook.visionpipe_before_run(ctx=ctx)
+    try:
+        for stage in cfg.stage_list(loaded.extra_stages):
+            ctx.hook.visionpipe_before_stage(stage=stage, ctx=ctx)
+            t0 = time.perf_counter()
+            try:
+                if stage in BUILTIN_STAGES:
+                    result = BUILTIN_STAGES[stage](ctx)
+                else:
+                    sdef = manager.stages.get(stage)
+                    if sdef is None:
+                        raise VisionpipeError(f"unknown stage '{stage}'")
+                    result = sdef.run(ctx, loaded.extra_stages.get(stage))
+            except BaseException as e:
+                ctx.hook.visionpipe_on_stage_error(stage=stage, ctx=ctx, error=e)
+                raise
+            ctx.manifest["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 3)}
+            ctx.manifest["stages_done"].append(stage)
+            ctx.hook.visionpipe_after_stage(stage=stage, ctx=ctx, result=result)
+            if dist.is_main():
+                if ctx.data is not None:
+                    for p in ctx.data.inputs:
+                        if Path(p).is_file() and str(p) not in ctx.manifest["inputs"]:
+                            ctx.manifest["inputs"][str(p)] = sha256_file(p)
+                _write_manifest(ctx, "running")
+        if dist.is_main():
+            final = {k: v for k, v in ctx.metrics.items()}
+            write_json(run_path / "metrics.json", final)
+            ctx.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            _write_manifest(ctx, "finished")
+        ctx.hook.visionpipe_after_run(ctx=ctx, metrics=ctx.metrics)
+    except BaseException:
+        if dist.is_main() and run_path.is_dir():
+            try:
+                _write_manifest(ctx, "failed")
+            except Exception:  # never mask the real error
+                log.debug("could not write manifest", exc_info=True)
+        raise
+    finally:
+        if handler:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        dist.cleanup()
+    return ctx
+
+
+class RunAlreadyFinished(VisionpipeError):
+    """``--resume`` on a run whose stages all finished."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__(f"run {run_dir} already finished; nothing to resume (start a new run instead)")

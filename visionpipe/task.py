@@ -1,0 +1,186 @@
+"""The Task interface: what a task plugin implements. The engine owns everything else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from visionpipe.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from visionpipe.images import BadImage
+    from visionpipe.infer.backends import Backend
+    from visionpipe.pipeline import RunContext
+
+
+@dataclass
+class DataBundle:
+    """What the load (+ augment) stage produces."""
+
+    train: Dataset | None = None
+    val: Dataset | None = None
+    test: Dataset | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    """Plain data needed to rebuild the model and interpret outputs (e.g. class names).
+    Saved in checkpoints and in exported model metadata."""
+    collate_fn: Callable | None = None
+    skipped: list[BadImage] = field(default_factory=list)
+    """Inputs that were found unreadable and left out, with the reason."""
+    inputs: list[Path] = field(default_factory=list)
+    """Annotation/list files the data came from (hashed into the manifest)."""
+
+
+@dataclass
+class ExportSpec:
+    """What to trace for ONNX and how to check it."""
+
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    metadata: dict[str, Any]
+    parity_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    """Real inputs (from the data) on which torch and onnxruntime must agree."""
+    compare: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None
+    """Max abs difference between torch and ORT outputs; default compares arrays one to one."""
+
+
+class OptimizationContext:
+    """Handed to :meth:`Task.train_step` for tasks that optimize by hand (several optimizers)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], scaler: torch.amp.GradScaler,
+                 autocast: Callable[[], AbstractContextManager], grad_clip: float | None) -> None:
+        self.optimizers = optimizers
+        self.scaler = scaler
+        self.autocast = autocast
+        self.grad_clip = grad_clip
+
+    def step(self, name: str, loss: torch.Tensor, params: Sequence[torch.Tensor] | None = None) -> None:
+        """zero_grad, backward (scaled), clip and step optimizer ``name`` for ``loss``."""
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(opt)
+            ps = params if params is not None else [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(ps, self.grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+
+
+class Predictor:
+    """Turns files into model inputs and model outputs into records, for one exported model."""
+
+    batchable: bool = True
+    """Whether samples of one batch can be stacked (same shape after preprocess)."""
+
+    def __init__(self, metadata: dict[str, Any], options: dict[str, Any]) -> None:
+        self.metadata, self.options = metadata, options
+
+    def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
+        """One decoded RGB uint8 image → (model inputs without batch axis, per-item state)."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
+        """One sample's outputs (batch axis removed) → a JSON-able record."""
+        raise NotImplementedError
+
+    def draw(self, image: np.ndarray, record: dict[str, Any]) -> np.ndarray | None:
+        """Optional picture of the prediction (``--save-images``); None if the task has none."""
+        return None
+
+    def write_extra(self, out_dir: Path, records: Iterator[dict[str, Any]]) -> list[Path]:
+        """Optional extra outputs built from all records (e.g. a COCO results file)."""
+        return []
+
+
+class Task:
+    """Base class of every task. Subclasses set ``name`` and ``Config`` and fill in the hooks."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PipelineConfig]] = PipelineConfig
+    description: ClassVar[str] = ""
+    monitor: ClassVar[str] = "val/loss"
+    """Metric that picks best.pt and drives early stopping / ReduceLROnPlateau."""
+    monitor_mode: ClassVar[str] = "min"
+    manual_optimization: ClassVar[bool] = False
+    """True when the task steps its own optimizers in :meth:`train_step`."""
+    models: ClassVar[dict[str, Callable[..., nn.Module]]] = {}
+    """Model registry (name → builder) shown by `visionpipe plugins`."""
+    image_predict: ClassVar[bool] = True
+    """True when `visionpipe predict` feeds image files through :meth:`predictor`."""
+
+    def __init__(self, cfg: PipelineConfig, ctx: RunContext | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+
+    # -- load / augment / model -------------------------------------------------------------
+    def build_data(self) -> DataBundle:
+        """Load datasets (with their augmentation) for this pipeline."""
+        raise NotImplementedError(f"task {self.name} has no load stage")
+
+    def build_model(self, info: dict[str, Any], *, pretrained: bool = True) -> nn.Module:
+        """Build the model from the model block and the data info (e.g. number of classes).
+
+        ``pretrained=False`` skips loading the model block's weights file (the caller loads a
+        checkpoint right after)."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer (fine-tuning: smaller LR for the backbone)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": base_lr}]
+
+    def configure_optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer] | None:
+        """Several named optimizers for manual optimization; None = the engine builds one."""
+        return None
+
+    # -- train -------------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Forward one batch; return losses, with the total under ``"loss"``."""
+        raise NotImplementedError
+
+    def train_step(self, model: nn.Module, batch: Any, opt: OptimizationContext) -> dict[str, float]:
+        """Manual optimization: one full step over several optimizers; return logged values."""
+        raise NotImplementedError
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Number of samples in a batch (for throughput)."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return len(first)
+
+    # -- evaluate ----------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, loader: Any, *, device: torch.device,
+                 out_dir: Path | None = None, epoch: int | None = None) -> dict[str, Any]:
+        """Metrics on ``loader`` (keys without the split prefix). With ``out_dir``, also plots."""
+        raise NotImplementedError
+
+    # -- export / predict ----------------------------------------------------------------------
+    def export_spec(self, model: nn.Module, data: DataBundle | None, info: dict[str, Any],
+                    num_parity: int) -> ExportSpec:
+        """What to export and the metadata the exported model must carry."""
+        raise NotImplementedError(f"task {self.name} does not support export")
+
+    @classmethod
+    def predictor(cls, metadata: dict[str, Any], options: dict[str, Any]) -> Predictor:
+        """A Predictor for an exported model of this task."""
+        raise NotImplementedError(f"task {cls.name} does not support predict")
+
+    @classmethod
+    def predict(cls, backend: Backend, metadata: dict[str, Any], source: str | None, out_dir: Path,
+                options: dict[str, Any]) -> dict[str, Any]:
+        """Run prediction; the default streams image files through :meth:`predictor`."""
+        from visionpipe.infer.runner import predict_images
+
+        if source is None:
+            from visionpipe.errors import VisionpipeError
+            raise VisionpipeError(f"task {cls.name}: predict needs a SOURCE (file, folder or glob)")
+        return predict_images(backend, cls.predictor(metadata, options), source, out_dir, options)
