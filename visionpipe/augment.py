@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import albumentations as A
+import numpy as np
 from pydantic import Field, field_validator
 
 from visionpipe.config import Block
@@ -83,3 +84,25 @@ def serialize(t: A.Compose) -> dict[str, Any]:
 def deserialize(d: dict[str, Any]) -> A.Compose:
     """Inverse of :func:`serialize`."""
     return A.from_dict(d)
+
+
+class SeededAugmentation:
+    """Dataset mixin: augmentation randomness depends only on (run seed, epoch, sample index).
+
+    The engine calls ``set_epoch(epoch, seed)`` before each training epoch, so a run is
+    reproducible with any number of DataLoader workers and a resumed run draws exactly the
+    augmentations the uninterrupted run would have drawn.
+    """
+
+    aug_seed: int = 0
+    aug_epoch: int = 0
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Select the augmentation stream of ``epoch``."""
+        self.aug_epoch, self.aug_seed = epoch, seed
+
+    def augment_sample(self, transform: A.Compose, index: int, **targets: Any) -> dict[str, Any]:
+        """Apply ``transform`` to one sample with its own deterministic seed."""
+        ss = np.random.SeedSequence([self.aug_seed, self.aug_epoch, index])
+        transform.set_random_seed(int(ss.generate_state(1)[0]))
+        return transform(**targets)

@@ -135,13 +135,24 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: <run>/model.onnx).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Max abs difference allowed in the parity check.")] = 1e-3,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="Also write an int8 model (<out>.int8.onnx) "
+                                                    "and compare its accuracy with fp32 on the validation set.")] = None,
+    calibration: Annotated[str, typer.Option("--calibration", help="int8: 'static' (activation ranges calibrated on "
+                                             "training images; for CNNs) or 'dynamic' (no data; MatMul/Gemm models).")] = "static",
+    calibration_data: Annotated[Optional[str], typer.Option("--calibration-data", help="int8 static: images to calibrate "
+                                                            "on (folder, glob or .txt list); default: the training split.")] = None,
+    calibration_images: Annotated[int, typer.Option("--calibration-images", min=1, help="int8 static: how many images.")] = 256,
 ) -> None:
-    """Export a trained model to ONNX, checked for numerical parity against PyTorch."""
+    """Export a trained model to ONNX, checked for numerical parity against PyTorch (optionally also int8)."""
     from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
     from visionpipe.export.onnx import export_onnx
 
     if format != "onnx":
         raise VisionpipeError(f"--format {format}: only 'onnx' is supported")
+    if quantize not in (None, "int8"):
+        raise VisionpipeError(f"--quantize {quantize}: only 'int8' is supported")
+    if calibration not in ("static", "dynamic"):
+        raise VisionpipeError(f"--calibration {calibration}: use static or dynamic")
     ckpt = source / "checkpoints" / "best.pt" if source.is_dir() else source
     task, model, state = task_and_model_from_checkpoint(ckpt)
     data = None
@@ -154,27 +165,43 @@ def export(
     spec = task.export_spec(model, data, state.get("info", {}), 4)
     target = out_file or ((source if source.is_dir() else ckpt.parent.parent) / "model.onnx")
     report = export_onnx(spec, target, opset=opset, tolerance=tolerance)
-    out.print(f"exported {target} (parity max abs diff {report['max_abs_diff']:.2e})")
+    out.print(f"exported {target} (parity max abs diff {report['max_abs_diff']:.2e})", soft_wrap=True)
+    if quantize:
+        from visionpipe.export.quantize import export_int8
+
+        q = export_int8(task, data, target, calibration, calibration_data, calibration_images)
+        out.print(f"quantized {q['file']} (int8 {q['mode']}, {q['calibration_images']} calibration images): "
+                  f"{q['summary']}", soft_wrap=True)
 
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="An exported .onnx model (or a .pt checkpoint).")],
+    model: Annotated[Path, typer.Argument(help="An exported .onnx model, a .pt checkpoint, or a run folder.")],
     source: Annotated[Optional[str], typer.Argument(help="Image file, folder (recursive), glob or .txt list.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+    backend_name: Annotated[str, typer.Option("--backend", help="auto (from the model file), onnxruntime or torch; "
+                                              "with a run folder picks model.onnx or checkpoints/best.pt.")] = "auto",
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per image (classification).")] = 5,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write images with predictions drawn.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: process every N-th input from I (default: from torchrun's RANK/WORLD_SIZE).")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoder threads (default: cores).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="onnxruntime intra-op threads.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoder threads/processes (default: cores; 0 = decode in the main thread).")] = None,
+    decode: Annotated[str, typer.Option("--decode", help="Decode in 'threads' or 'processes'.")] = "threads",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Model threads (onnxruntime intra-op / torch); default: cores.")] = None,
+    graph_opt: Annotated[str, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all.")] = "all",
+    spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let onnxruntime threads busy-wait (faster only when nothing else needs the cores).")] = False,
+    amp: Annotated[bool, typer.Option("--amp", help="torch backend: autocast (fp16 on CUDA, bf16 on CPU).")] = False,
     num: Annotated[Optional[int], typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generative tasks: random seed.")] = 0,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text generation: the prompt.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Task option key=value (repeatable).")] = None,
 ) -> None:
-    """Run an exported model over files in streaming batches; writes predictions.jsonl and errors.jsonl."""
+    """Run a model over files in streaming batches; writes predictions.jsonl, errors.jsonl and summary.json.
+
+    Re-running with the same --out resumes (inputs already written are skipped). For many
+    processes or machines give each --shard I/N (or launch with torchrun), then `visionpipe merge`.
+    """
     import yaml
 
     from visionpipe.infer.backends import open_backend
@@ -182,10 +209,11 @@ def predict(
 
     if device not in ("cpu", "cuda", "auto"):
         raise VisionpipeError(f"--device {device}: use cpu, cuda or auto")
-    backend, metadata = open_backend(str(model), device=device, threads=threads)
+    backend, metadata = open_backend(str(model), device=device, backend=backend_name, threads=threads,
+                                     graph_optimization=graph_opt, spinning=spinning, amp=amp)
     task_cls = get_manager().task(metadata.get("task", "?"))
     opts = {"batch_size": batch_size, "top_k": top_k, "save_images": save_images, "shard": shard,
-            "workers": workers, "num": num, "seed": seed, "prompt": prompt}
+            "workers": workers, "decode": decode, "num": num, "seed": seed, "prompt": prompt}
     for item in option or []:
         if "=" not in item:
             raise VisionpipeError(f"--option expects key=value (got '{item}')")
@@ -199,11 +227,12 @@ def predict(
 def merge(
     folder: Annotated[Path, typer.Argument(help="Folder with predictions.shard*.jsonl from `predict --shard`.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where to write the merged files.")] = None,
+    partial: Annotated[bool, typer.Option("--partial", help="Merge even when some shards have no output yet.")] = False,
 ) -> None:
-    """Merge the outputs of sharded predict runs into one predictions.jsonl / errors.jsonl."""
+    """Merge the outputs of sharded predict runs into one predictions.jsonl / errors.jsonl, in input order."""
     from visionpipe.infer.runner import merge_outputs
 
-    out.print_json(json.dumps(merge_outputs(folder, out_dir)))
+    out.print_json(json.dumps(merge_outputs(folder, out_dir, partial=partial)))
 
 
 def _register_plugin_commands() -> None:

@@ -170,6 +170,7 @@ def _load_with_lines(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
     lines: dict[tuple, int] = {}
     try:
         node = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -190,7 +191,6 @@ def _load_with_lines(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
                 walk(v, path + (i,))
 
     walk(node, ())
-    data = yaml.safe_load(text)
     return data, lines
 
 
@@ -240,14 +240,17 @@ def _humanize(err: dict) -> str:
     typ, msg, ctx = err.get("type", ""), err.get("msg", ""), err.get("ctx") or {}
     got = err.get("input")
     show_got = not isinstance(got, (dict, list)) and typ != "missing"
+    def num(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
     if typ == "greater_than":
-        msg = f"must be > {ctx.get('gt')}"
+        msg = f"must be > {num(ctx.get('gt'))}"
     elif typ == "greater_than_equal":
-        msg = f"must be >= {ctx.get('ge')}"
+        msg = f"must be >= {num(ctx.get('ge'))}"
     elif typ == "less_than":
-        msg = f"must be < {ctx.get('lt')}"
+        msg = f"must be < {num(ctx.get('lt'))}"
     elif typ == "less_than_equal":
-        msg = f"must be <= {ctx.get('le')}"
+        msg = f"must be <= {num(ctx.get('le'))}"
     elif typ == "missing":
         msg = "required field is missing"
     elif typ == "literal_error":

@@ -166,7 +166,11 @@ def versions(manager: PluginManager) -> dict[str, Any]:
 
 def stage_load(ctx: RunContext) -> dict[str, Any]:
     """Load the datasets and report unreadable inputs."""
+    if not dist.is_main():
+        dist.barrier()  # rank 0 first: it may generate the built-in data
     ctx.data = ctx.task.build_data()
+    if dist.is_main():
+        dist.barrier()
     if ctx.data.skipped:
         with open(ctx.path("data_errors.jsonl"), "w", encoding="utf-8") as f:
             for b in ctx.data.skipped:
@@ -205,6 +209,8 @@ def stage_train(ctx: RunContext) -> dict[str, Any]:
     if ctx.resume_state is not None:
         trainer.load_state_dict(ctx.resume_state)
         log.info("resumed at epoch %d/%d", trainer.epoch, cfg.epochs)
+        if dist.is_main():  # the checkpoint's history is authoritative: no gaps or repeats after a kill
+            write_text(ctx.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in trainer.history))
     stopped_early = trainer.finished and cfg.early_stopping and trainer.bad_epochs >= cfg.early_stopping.patience
     if trainer.epoch >= cfg.epochs or stopped_early:
         log.info("training already finished (epoch %d/%d); not training again", trainer.epoch, cfg.epochs)

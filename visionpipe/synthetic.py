@@ -20,17 +20,17 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
-def textured_background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """A smooth random colour field with noise and a few stripes (HxWx3 uint8)."""
+def textured_background(h: int, w: int, rng: np.random.Generator, clutter: float = 1.0) -> np.ndarray:
+    """A smooth random colour field with noise and a few stripes (HxWx3 uint8); ``clutter`` scales the texture."""
     base = rng.integers(0, 256, size=(3,), dtype=np.int64)
-    small = rng.normal(0, 40, size=(max(2, h // 16), max(2, w // 16), 3))
+    small = rng.normal(0, 40 * clutter, size=(max(2, h // 16), max(2, w // 16), 3))
     field = cv2.resize(small.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
     img = base[None, None, :] * 0.6 + 50 + field
     if rng.random() < 0.5:
         period = rng.integers(6, 20)
         phase = rng.random() * math.tau
         xs = np.arange(w)[None, :] if rng.random() < 0.5 else np.arange(h)[:, None]
-        img = img + (12 * np.sin(xs * math.tau / period + phase))[..., None]
+        img = img + (12 * clutter * np.sin(xs * math.tau / period + phase))[..., None]
     img = img + rng.normal(0, 8, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

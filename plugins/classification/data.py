@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from visionpipe.augment import SeededAugmentation
 from visionpipe.errors import DataError, VisionpipeError
 from visionpipe.images import BadImage, check_images, is_image_file, read_image
 from visionpipe.paths import resolve_under
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 Sample = tuple[str, int]
 
 
-class ClassificationDataset(Dataset):
+class ClassificationDataset(SeededAugmentation, Dataset):
     """(image tensor CHW float, label) pairs; ``transform`` is an albumentations Compose."""
 
     def __init__(self, samples: list[Sample], transform: Any = None) -> None:
@@ -34,7 +35,7 @@ class ClassificationDataset(Dataset):
         path, label = self.samples[i]
         img = read_image(path)
         if self.transform is not None:
-            img = self.transform(image=img)["image"]
+            img = self.augment_sample(self.transform, i, image=img)["image"]
         t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
         return t, label
 
@@ -106,7 +107,7 @@ def generate_shapes(root: Path, per_class: int, size: int, seed: int) -> None:
         for ci, kind in enumerate(SHAPES):
             for i in range(per_class):
                 split = "train" if i < per_class * 0.7 else ("val" if i < per_class * 0.85 else "test")
-                img = textured_background(size, size, rng)
+                img = textured_background(size, size, rng, clutter=0.5)
                 s = rng.uniform(0.35, 0.8) * size
                 cx, cy = rng.uniform(s / 2, size - s / 2, size=2)
                 m = shape_mask(kind, size, size, cx, cy, s, rng.uniform(0, np.pi))

@@ -1,1 +1,11 @@
-"""Work in progress."""
+"""Image generation with a DCGAN: generator + discriminator trained by the shared engine."""
+
+from visionpipe_plugins.dcgan.task import DcganTask
+
+from visionpipe import hookimpl
+
+
+@hookimpl
+def visionpipe_register_tasks(register):
+    """Register the dcgan task."""
+    register(DcganTask)

@@ -1,1 +1,19 @@
-"""Work in progress."""
+"""Object detection with torchvision's Faster R-CNN family (COCO, VOC and YOLO data; COCO metrics)."""
+
+from visionpipe_plugins.detection.task import DetectionTask
+
+from visionpipe import hookimpl
+
+
+@hookimpl
+def visionpipe_register_tasks(register):
+    """Register the detection task."""
+    register(DetectionTask)
+
+
+@hookimpl
+def visionpipe_register_commands(app):
+    """Add `visionpipe evaluate-coco`."""
+    from visionpipe_plugins.detection.cli import register
+
+    register(app)

@@ -1,1 +1,11 @@
-"""Work in progress."""
+"""Semantic segmentation with torchvision models (FCN, DeepLabV3, LR-ASPP)."""
+
+from visionpipe_plugins.segmentation.task import SegmentationTask
+
+from visionpipe import hookimpl
+
+
+@hookimpl
+def visionpipe_register_tasks(register):
+    """Register the segmentation task."""
+    register(SegmentationTask)

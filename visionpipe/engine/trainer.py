@@ -69,6 +69,8 @@ def _seed_worker(worker_id: int) -> None:
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, epoch: int, cfg: TrainConfig,
                 collate_fn: Callable | None, device: torch.device) -> DataLoader:
     """A DataLoader whose order depends only on (seed, epoch): resume restores it exactly."""
+    if train and hasattr(ds, "set_epoch"):
+        ds.set_epoch(epoch, seed)  # per-sample augmentation seeds (see visionpipe.augment.SeededAugmentation)
     if train and dist.is_distributed():
         sampler: Any = DistributedSampler(ds, shuffle=True, seed=seed, drop_last=False)
         sampler.set_epoch(epoch)

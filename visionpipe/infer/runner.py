@@ -1,174 +1,361 @@
 """Streaming batch prediction over image files of any count, with flat memory.
 
-A pool of decoder threads reads and preprocesses images ahead of the model (bounded
-look-ahead, so memory does not grow with the input); outputs are appended and flushed
-per batch; a re-run skips paths already written (resume without duplicates).
+A pool of decoders reads and preprocesses images ahead of the model (bounded look-ahead,
+so memory does not grow with the input) while the main thread runs the model batch by
+batch. Outputs are appended and flushed per batch; a re-run skips paths already written
+(resume without duplicates); a bad file becomes a line of errors.jsonl, never a crash.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from visionpipe.engine.progress import make_progress
-from visionpipe.errors import ImageReadError
+from visionpipe.errors import ImageReadError, VisionpipeError
 from visionpipe.images import read_image
 from visionpipe.infer.backends import Backend
-from visionpipe.infer.sources import iter_sources, parse_shard
-from visionpipe.io import append_jsonl, write_json
+from visionpipe.infer.outputs import JsonlAppender, iter_jsonl, merge_outputs, read_done
+from visionpipe.infer.pool import POOLS, ordered_map
+from visionpipe.infer.sources import iter_indexed, iter_sources, parse_shard, shard_suffix
+from visionpipe.io import write_json
 from visionpipe.task import Predictor
 
+__all__ = ["predict_images", "merge_outputs", "read_done", "ordered_map", "default_workers", "iter_sources"]
+
 log = logging.getLogger(__name__)
-
-
-def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, window: int) -> Iterator[Any]:
-    """``map(fn, items)`` on a thread pool, in input order, with at most ``window`` items in flight."""
-    if workers <= 0:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future] = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def read_done(path: Path) -> set[str]:
-    """Paths already recorded in a JSONL output; a torn last line (killed writer) is cut off."""
-    done: set[str] = set()
-    if not path.is_file():
-        return done
-    good_bytes = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                done.add(json.loads(raw)["path"])
-            except (ValueError, KeyError):
-                break
-            good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-        log.warning("%s: dropped a partial last line left by an interrupted run", path)
-    return done
+DEFAULT_BATCH = 16
+MAX_FAILURES_BEFORE_FIRST_SUCCESS = 16
+LOGGED_ERRORS = 20
 
 
 def default_workers() -> int:
-    """Decoder threads: one per core, at least 1."""
-    return max(1, (os.cpu_count() or 2))
+    """Decoder workers: one per core (they mostly wait on the bounded window), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _stack(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+@dataclass(frozen=True)
+class Settings:
+    """The predict engine's knobs, from the ``options`` dict of :func:`predict_images`."""
+
+    batch_size: int = DEFAULT_BATCH
+    workers: int = 1
+    pool: str = "threads"
+    window: int = 2 * DEFAULT_BATCH
+    shard: tuple[int, int] = (0, 1)
+    save_images: bool = False
+    count_total: bool = True
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Settings:
+        """Validated settings; missing values get defaults sized from the core count."""
+        bs = int(options.get("batch_size") or DEFAULT_BATCH)
+        w = options.get("workers")
+        workers = default_workers() if w is None else int(w)
+        pool = str(options.get("decode") or options.get("pool") or "threads")
+        if bs < 1 or workers < 0:
+            raise VisionpipeError(f"batch_size must be >= 1 and workers >= 0 (got {bs}, {workers})")
+        if pool not in POOLS:
+            raise VisionpipeError(f"--decode {pool}: use one of {', '.join(POOLS)}")
+        window = int(options.get("prefetch") or max(2 * bs, 4 * workers))
+        return cls(bs, workers, pool, window, parse_shard(options.get("shard")), bool(options.get("save_images")),
+                   options.get("count_total", True) is not False)
+
+
+@dataclass
+class Decoded:
+    """One input after decode + preprocess (or the reason it failed)."""
+
+    index: int
+    path: Path
+    feed: dict[str, np.ndarray] | None = None
+    state: Any = None
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Decoder:
+    """Picklable decode + preprocess step (runs in decoder threads or processes)."""
+
+    predictor: Predictor
+    keep_image: bool
+
+    def __call__(self, item: tuple[int, Path]) -> Decoded:
+        k, p = item
+        try:
+            img = read_image(p)
+            feed, state = self.predictor.preprocess(img)
+            return Decoded(k, p, feed, state, img if self.keep_image else None)
+        except ImageReadError as e:
+            return Decoded(k, p, error=e.reason)
+        except Exception as e:  # a bad file must never stop the run
+            return Decoded(k, p, error=f"preprocess failed: {type(e).__name__}: {e}")
+
+
+@dataclass
+class Stats:
+    """Counts and where the time went (model, waiting for input, writing outputs)."""
+
+    ok: int = 0
+    errors: int = 0
+    model_s: float = 0.0
+    wait_s: float = 0.0
+    output_s: float = 0.0
+    batches: int = 0
+    error_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _stack(items: list[Decoded]) -> dict[str, np.ndarray]:
+    first = items[0].feed
+    assert first is not None
+    if len(items) == 1:
+        return {k: v[None] for k, v in first.items()}
+    return {k: np.stack([it.feed[k] for it in items]) for k in first}  # type: ignore[index]
+
+
+def _groups(batch: list[Decoded], batchable: bool) -> list[list[Decoded]]:
+    """Consecutive items with the same input shapes run together (all of them when shapes agree)."""
+    if not batchable:
+        return [[it] for it in batch]
+    groups: list[list[Decoded]] = []
+    key_of = lambda it: tuple((k, v.shape, v.dtype.str) for k, v in it.feed.items())  # noqa: E731
+    last = None
+    for it in batch:
+        key = key_of(it)
+        if groups and key == last:
+            groups[-1].append(it)
+        else:
+            groups.append([it])
+            last = key
+    return groups
+
+
+class _Engine:
+    """Runs batches through the backend and the predictor; writes records; keeps the stats."""
+
+    def __init__(self, backend: Backend, predictor: Predictor, preds: JsonlAppender, errs: JsonlAppender,
+                 indexed: bool, img_dir: Path, src_root: Path | None) -> None:
+        self.backend, self.predictor = backend, predictor
+        self.preds, self.errs = preds, errs
+        self.indexed, self.img_dir, self.src_root = indexed, img_dir, src_root
+        self.stats = Stats()
+        self.model_failures = 0
+
+    def _record(self, it: Decoded, extra: dict[str, Any]) -> dict[str, Any]:
+        rec: dict[str, Any] = {"path": str(it.path)}
+        if self.indexed:
+            rec["index"] = it.index
+        rec.update(extra)
+        return rec
+
+    def error(self, items: list[Decoded]) -> None:
+        """Record inputs that could not be used, with why."""
+        if not items:
+            return
+        recs = []
+        for it in items:
+            recs.append(self._record(it, {"error": it.error}))
+            n = self.stats.errors + len(recs)
+            if n <= LOGGED_ERRORS:
+                log.warning("skipped %s: %s", it.path, it.error)
+                if n == LOGGED_ERRORS:
+                    log.warning("further unreadable inputs are listed only in %s", self.errs.path)
+            head = re.split(r"[:(;]", it.error or "?")[0].strip()[:60]
+            self.stats.error_reasons[head] = self.stats.error_reasons.get(head, 0) + 1
+        self.errs.write(recs)
+        self.stats.errors += len(items)
+
+    def _run(self, items: list[Decoded]) -> list[list[np.ndarray]] | None:
+        """Per-item outputs of one group, or None when the model failed on it."""
+        feed = _stack(items)
+        t0 = time.perf_counter()
+        try:
+            outs = self.backend.run(feed)
+        except Exception as e:
+            self.stats.model_s += time.perf_counter() - t0
+            if len(items) > 1:
+                return None
+            items[0].error = f"model failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            return None
+        self.stats.model_s += time.perf_counter() - t0
+        return [[o[j] for o in outs] for j in range(len(items))]
+
+    def batch(self, batch: list[Decoded]) -> None:
+        """Predict, postprocess and write one batch; isolate items the model or postprocess fails on."""
+        if not batch:
+            return
+        records: list[dict[str, Any]] = []
+        failed: list[Decoded] = []
+        for group in _groups(batch, self.predictor.batchable):
+            per_item = self._run(group)
+            if per_item is None:  # find the culprit(s): one item at a time
+                singles = [self._run([it]) for it in group] if len(group) > 1 else [None]
+                per_item = [r[0] if r is not None else None for r in singles]
+            t0 = time.perf_counter()
+            for it, outs in zip(group, per_item, strict=True):
+                if outs is None:
+                    failed.append(it)
+                    self.model_failures += 1
+                    continue
+                self.model_failures = 0
+                try:
+                    rec = self._record(it, self.predictor.postprocess(outs, it.state))
+                except Exception as e:
+                    it.error = f"postprocess failed: {type(e).__name__}: {e}"
+                    failed.append(it)
+                    continue
+                if it.image is not None:
+                    self._draw(it, rec)
+                records.append(rec)
+            self.stats.output_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.preds.write(records)
+        self.error(failed)
+        self.stats.output_s += time.perf_counter() - t0
+        self.stats.ok += len(records)
+        self.stats.batches += 1
+        if self.stats.ok == 0 and self.model_failures >= MAX_FAILURES_BEFORE_FIRST_SUCCESS:
+            raise VisionpipeError(f"the model failed on the first {self.model_failures} inputs ({failed[-1].error}); "
+                                  f"is this the right model for these inputs? (see {self.errs.path})")
+
+    def _draw(self, it: Decoded, rec: dict[str, Any]) -> None:
+        try:
+            drawn = self.predictor.draw(it.image, rec)  # type: ignore[arg-type]
+            if drawn is not None:
+                _save_drawing(drawn, self.img_dir, it.path, self.src_root)
+        except Exception as e:  # a drawing is a nicety: never lose the prediction for it
+            log.warning("could not draw %s: %s: %s", it.path, type(e).__name__, e)
+
+
+def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on_total: Any) -> threading.Thread:
+    """Count this shard's remaining inputs in a daemon thread and report the total (for the ETA)."""
+
+    def count() -> None:
+        try:
+            n = sum(1 for _, p in iter_indexed(source, shard) if str(p) not in done)
+        except Exception:  # the count is only for the progress bar
+            return
+        on_total(n)
+
+    t = threading.Thread(target=count, name="count-inputs", daemon=True)
+    t.start()
+    return t
+
+
+def _timed(it: Iterator[Decoded], stats: Stats) -> Iterator[Decoded]:
+    """Yield from ``it``, adding the time spent waiting for each item to ``stats.wait_s``."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            stats.wait_s += time.perf_counter() - t0
+            return
+        stats.wait_s += time.perf_counter() - t0
+        yield item
 
 
 def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir: Path,
                    options: dict[str, Any]) -> dict[str, Any]:
-    """Predict every image under ``source``; write predictions.jsonl, errors.jsonl and a summary."""
+    """Predict every image under ``source``; write predictions.jsonl, errors.jsonl and summary.json.
+
+    ``options``: batch_size, workers (decoders; 0 = decode in the main thread), decode
+    ("threads" or "processes"), prefetch (look-ahead in images), shard ("I/N"; default from
+    torchrun's RANK/WORLD_SIZE), save_images, count_total (False: no ETA, no second walk).
+    """
+    s = Settings.from_options(options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bs = int(options.get("batch_size") or 16)
-    workers = int(options.get("workers") or default_workers())
-    shard = parse_shard(options.get("shard"))
-    suffix = f".shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
-    pred_file = out_dir / f"predictions{suffix}.jsonl"
-    err_file = out_dir / f"errors{suffix}.jsonl"
+    suffix = shard_suffix(s.shard)
+    pred_file, err_file = out_dir / f"predictions{suffix}.jsonl", out_dir / f"errors{suffix}.jsonl"
     done = read_done(pred_file) | read_done(err_file)
     if done:
-        log.info("resuming: %d input(s) already done are skipped", len(done))
-    save_images = bool(options.get("save_images"))
-    img_dir = out_dir / "images"
+        log.info("resuming: %d input(s) already in %s are skipped", len(done), out_dir)
     src_root = Path(source) if Path(source).is_dir() else None
+    items = ((k, p) for k, p in iter_indexed(source, s.shard) if str(p) not in done)
+    decoder = _Decoder(predictor, s.save_images)
+    if s.pool == "processes":
+        chunk = max(1, min(8, s.batch_size // max(1, s.workers)))
+    else:
+        chunk = 1
+    decoded = ordered_map(decoder, items, s.workers, s.window, pool=s.pool, chunk=chunk)
 
-    paths = (p for p in iter_sources(source, shard) if str(p) not in done)
-
-    def load(p: Path) -> tuple[Path, Any, Any, np.ndarray | None]:
-        try:
-            img = read_image(p)
-            feed, state = predictor.preprocess(img)
-            return p, feed, state, img if save_images else None
-        except ImageReadError as e:
-            return p, None, e.reason, None
-        except Exception as e:  # a bad file must never stop the run
-            return p, None, f"{type(e).__name__}: {e}", None
-
-    n_ok = n_err = 0
-    t0 = time.perf_counter()
+    preds, errs = JsonlAppender(pred_file), JsonlAppender(err_file)
+    engine = _Engine(backend, predictor, preds, errs, s.shard[1] > 1, out_dir / "images", src_root)
+    stats = engine.stats
     progress = make_progress()
-    with open(pred_file, "a", encoding="utf-8") as fp, open(err_file, "a", encoding="utf-8") as fe, progress:
-        bar = progress.add_task("predict", total=None, info="")
-        batch: list[tuple[Path, dict, Any, np.ndarray | None]] = []
-
-        def flush() -> None:
-            nonlocal n_ok
-            if not batch:
-                return
-            groups: list[list] = []
-            if predictor.batchable:
-                for item in batch:  # consecutive items of the same input shapes run together
-                    key = tuple((k, v.shape) for k, v in item[1].items())
-                    if groups and groups[-1][0] == key:
-                        groups[-1][1].append(item)
-                    else:
-                        groups.append([key, [item]])
-            else:
-                groups = [[None, [item]] for item in batch]
-            for _, items in groups:
-                outs = backend.run(_stack([it[1] for it in items]))
-                for j, (p, _, state, img) in enumerate(items):
-                    rec = predictor.postprocess([o[j] for o in outs], state)
-                    rec = {"path": str(p), **rec}
-                    if img is not None:
-                        drawn = predictor.draw(img, rec)
-                        if drawn is not None:
-                            _save_drawing(drawn, img_dir, p, src_root)
-                    append_jsonl(fp, rec)
-                    n_ok += 1
-            batch.clear()
-
-        for p, feed, state, img in ordered_map(load, paths, workers, window=max(2 * bs, 4 * workers)):
-            if feed is None:
-                append_jsonl(fe, {"path": str(p), "error": state})
-                n_err += 1
-                log.warning("skipped %s: %s", p, state)
-            else:
-                batch.append((p, feed, state, img))
-                if len(batch) >= bs:
-                    flush()
-            total = n_ok + n_err + len(batch)
-            progress.update(bar, completed=total, info=f"{total / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
-        flush()
+    t0 = time.perf_counter()
+    try:
+        with progress:
+            bar = progress.add_task("predict" + (f" {s.shard[0]}/{s.shard[1]}" if suffix else ""), total=None, info="")
+            if s.count_total and progress_is_live(progress):
+                _count_in_background(source, s.shard, done, lambda n: progress.update(bar, total=n))
+            batch: list[Decoded] = []
+            for it in _timed(decoded, stats):
+                if it.error is not None:
+                    engine.error([it])
+                    continue
+                batch.append(it)
+                if len(batch) >= s.batch_size:
+                    engine.batch(batch)
+                    batch = []
+                    elapsed = time.perf_counter() - t0
+                    progress.update(bar, completed=stats.ok + stats.errors,
+                                    info=f"{stats.ok / max(elapsed, 1e-9):.1f} img/s, {stats.errors} error(s)")
+            engine.batch(batch)
+            progress.update(bar, completed=stats.ok + stats.errors)
+    finally:
+        decoded.close()  # stops the decoder pool, also after an error or Ctrl-C
+        preds.close()
+        errs.close()
     seconds = time.perf_counter() - t0
-    extra = predictor.write_extra(out_dir, _iter_jsonl(pred_file))
-    summary = {"images": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": round(seconds, 3),
-               "images_per_second": round(n_ok / seconds, 2) if seconds > 0 else None,
-               "predictions": str(pred_file), "errors_file": str(err_file), "shard": f"{shard[0]}/{shard[1]}",
-               "backend": getattr(backend, "name", "?"), "extra": [str(e) for e in extra]}
+    extra = predictor.write_extra(out_dir, iter_jsonl(pred_file))
+    summary = _summary(stats, seconds, len(done), s, backend, pred_file, err_file, extra)
     write_json(out_dir / f"summary{suffix}.json", summary)
-    log.info("predicted %d image(s), %d error(s), %.1f img/s -> %s", n_ok, n_err,
-             summary["images_per_second"] or 0.0, pred_file)
+    _log_summary(summary, pred_file)
     return summary
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+def progress_is_live(progress: Any) -> bool:
+    """True when the progress bar is shown (counting inputs for an ETA is then worth it)."""
+    return not getattr(progress, "disable", False)
+
+
+def _summary(stats: Stats, seconds: float, skipped: int, s: Settings, backend: Backend, pred_file: Path,
+             err_file: Path, extra: list[Path]) -> dict[str, Any]:
+    share = (lambda x: round(100.0 * x / seconds, 1) if seconds > 0 else None)  # noqa: E731
+    return {
+        "images": stats.ok, "errors": stats.errors, "skipped_already_done": skipped,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(stats.ok / seconds, 2) if seconds > 0 else None,
+        "predictions": str(pred_file), "errors_file": str(err_file), "shard": f"{s.shard[0]}/{s.shard[1]}",
+        "backend": getattr(backend, "name", "?"),
+        "engine": {**(backend.describe() if hasattr(backend, "describe") else {}),
+                   "batch_size": s.batch_size, "decoders": s.workers, "decode": s.pool, "prefetch": s.window},
+        "time_percent": {"model": share(stats.model_s), "waiting_for_input": share(stats.wait_s),
+                         "postprocess_and_write": share(stats.output_s)},
+        "error_reasons": stats.error_reasons,
+        "extra": [str(e) for e in extra],
+    }
+
+
+def _log_summary(summary: dict[str, Any], pred_file: Path) -> None:
+    tp = summary["time_percent"]
+    log.info("predicted %d image(s), %d error(s) in %.1f s: %.1f img/s (model busy %s%% of the time, "
+             "waiting for input %s%%) -> %s", summary["images"], summary["errors"], summary["seconds"],
+             summary["images_per_second"] or 0.0, tp["model"], tp["waiting_for_input"], pred_file)
+    if summary["errors"]:
+        log.info("errors by reason: %s", ", ".join(f"{k}: {v}" for k, v in summary["error_reasons"].items()))
 
 
 def _save_drawing(img: np.ndarray, img_dir: Path, src: Path, src_root: Path | None) -> None:
@@ -181,23 +368,3 @@ def _save_drawing(img: np.ndarray, img_dir: Path, src: Path, src_root: Path | No
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
         cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-
-
-def merge_outputs(folder: Path, out: Path | None = None) -> dict[str, Any]:
-    """Merge sharded ``predictions.shard*.jsonl`` / ``errors.shard*.jsonl`` files, sorted by path."""
-    folder = Path(folder)
-    out = Path(out or folder)
-    result = {}
-    for kind in ("predictions", "errors"):
-        parts = sorted(folder.glob(f"{kind}.shard*.jsonl"))
-        recs: dict[str, dict] = {}
-        for part in parts:
-            for r in _iter_jsonl(part):
-                recs[r["path"]] = r
-        from visionpipe.io import atomic_open
-
-        with atomic_open(out / f"{kind}.jsonl", "w", encoding="utf-8") as f:
-            for k in sorted(recs):
-                f.write(json.dumps(recs[k]) + "\n")
-        result[kind] = {"shards": len(parts), "records": len(recs)}
-    return result

@@ -1,22 +1,30 @@
-"""Input files for predict: a file, a folder (recursive) or a glob; sharded disjointly."""
+"""Input files for predict: a file, a folder (recursive), a glob or a .txt list; sharded disjointly."""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from visionpipe.errors import VisionpipeError
 from visionpipe.images import is_image_file, iter_image_files
 
+LIST_SUFFIXES = (".txt", ".lst")
+
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``'I/N'`` → (I, N) with 0 <= I < N; None → from torchrun's RANK/WORLD_SIZE, else (0, 1)."""
     if text is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        try:
+            i, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        except ValueError:
+            raise VisionpipeError("RANK/WORLD_SIZE must be integers (set by torchrun)") from None
+        if not (n > 0 and 0 <= i < n):
+            raise VisionpipeError(f"RANK={i} WORLD_SIZE={n}: need 0 <= RANK < WORLD_SIZE")
+        return i, n
     try:
-        i, n = (int(x) for x in text.split("/"))
+        i, n = (int(x) for x in str(text).split("/"))
     except ValueError:
         raise VisionpipeError(f"--shard expects I/N, e.g. 0/4 (got '{text}')") from None
     if not (n > 0 and 0 <= i < n):
@@ -24,25 +32,51 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def iter_sources(source: str, shard: tuple[int, int] = (0, 1),
-                 accept: callable = is_image_file) -> Iterator[Path]:
-    """Files named by ``source`` in a deterministic order; only every N-th from I when sharded."""
+def shard_suffix(shard: tuple[int, int]) -> str:
+    """File-name suffix of a shard's outputs: '' unsharded, else '.shard{I}of{N}'."""
+    return f".shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
+
+
+def _list_file(p: Path) -> Iterator[Path]:
+    base = p.parent
+    with open(p, encoding="utf-8") as f:  # streamed: a list of millions of paths is never held in memory
+        for line in f:
+            name = line.strip()
+            if name and not name.startswith("#"):
+                q = Path(name)
+                yield q if q.is_absolute() else base / q
+
+
+def _all_files(source: str, accept: Callable[[str | os.PathLike], bool]) -> Iterator[Path]:
     p = Path(source)
     if p.is_dir():
-        it: Iterator[Path] = iter_image_files(p) if accept is is_image_file else (
-            q for q in sorted(p.rglob("*")) if q.is_file() and accept(q))
-    elif p.is_file():
-        if p.suffix.lower() in (".txt", ".lst") and accept is is_image_file:
-            base = p.parent
-            it = (Path(line.strip()) if Path(line.strip()).is_absolute() else base / line.strip()
-                  for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
-        else:
-            it = iter([p])
-    elif any(c in source for c in "*?["):
-        it = (Path(q) for q in sorted(glob.iglob(source, recursive=True)) if accept(q))
-    else:
-        raise VisionpipeError(f"{source}: no such file, folder or glob")
+        if accept is is_image_file:
+            return iter_image_files(p)
+        return (q for q in sorted(p.rglob("*")) if q.is_file() and accept(q))
+    if p.is_file():
+        if p.suffix.lower() in LIST_SUFFIXES and accept is is_image_file:
+            return _list_file(p)
+        return iter([p])
+    if any(c in source for c in "*?["):
+        return (Path(q) for q in sorted(glob.iglob(source, recursive=True)) if accept(q) and os.path.isfile(q))
+    raise VisionpipeError(f"{source}: no such file, folder or glob")
+
+
+def iter_indexed(source: str, shard: tuple[int, int] = (0, 1),
+                 accept: Callable[[str | os.PathLike], bool] = is_image_file) -> Iterator[tuple[int, Path]]:
+    """(index in the whole input, path) for this shard's files, in a deterministic order.
+
+    The order is sorted per folder (recursive), a list file's line order, or a glob's sorted
+    matches. Shard I of N takes every N-th input from I, so N shards are disjoint and complete.
+    """
     i, n = shard
-    for k, path in enumerate(it):
+    for k, path in enumerate(_all_files(source, accept)):
         if k % n == i:
-            yield path
+            yield k, path
+
+
+def iter_sources(source: str, shard: tuple[int, int] = (0, 1),
+                 accept: Callable[[str | os.PathLike], bool] = is_image_file) -> Iterator[Path]:
+    """Files named by ``source`` in a deterministic order; only every N-th from I when sharded."""
+    for _, path in iter_indexed(source, shard, accept):
+        yield path

@@ -1,0 +1,202 @@
+"""visionpipe benchmark suite: five ratios, each measured side by side in one run.
+
+    python benchmarks/run.py            # full run, prints one line per figure
+    python benchmarks/run.py --check    # exit 1 when a goal is missed
+    python benchmarks/run.py --quick    # CI smoke version: small counts, no goal checks
+
+Every figure compares two things on the same model, images and settings, timed in
+alternation (A, B, B, A, ...) so that load from other processes hits both alike; the best
+repetition of each side is used. See docs/benchmarks.md for the method and results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+os.environ.setdefault("VISIONPIPE_PROGRESS", "0")
+
+import measure  # noqa: E402
+from setup_bench import Bench, image_folder, machine, prepare, preprocessed  # noqa: E402
+
+from visionpipe.infer.backends import usable_cores  # noqa: E402
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Figure:
+    """One line of the report."""
+
+    number: int
+    title: str
+    ratio: float
+    goal: str
+    met: bool
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def line(self, check_goals: bool) -> str:
+        """``N. title  ratio  (goal ...)  ok|MISSED  [detail]``."""
+        verdict = ("ok" if self.met else "MISSED") if check_goals else "smoke"
+        return f"{self.number}. {self.title:<46} {self.ratio:6.2f}  (goal {self.goal:<7}) {verdict:<6}  {self.detail}"
+
+
+def alternate(reps: int, **runs: Any) -> dict[str, list[float]]:
+    """Call each zero-argument function ``reps`` times, alternating the order every repetition."""
+    names = list(runs)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            out[n].append(runs[n]())
+            log.info("  %s rep %d: %s", n, r + 1, out[n][-1])
+    return out
+
+
+def fig_predict_vs_raw(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
+    x = preprocessed(b, folder)
+    out = b.root / "out-predict"
+    res = alternate(
+        reps,
+        predict=lambda: measure.visionpipe_predict(b.onnx, folder, out, bs)["images_per_second"],
+        raw_ort_defaults=lambda: measure.raw_onnxruntime(b.onnx, x, bs),
+        raw_predict_options=lambda: measure.raw_onnxruntime(b.onnx, x, bs, threads=usable_cores(), spinning=False),
+    )
+    limit = max(max(res["raw_ort_defaults"]), max(res["raw_predict_options"]))  # the faster of the two
+    ratio = max(res["predict"]) / limit
+    return Figure(1, "predict ÷ raw onnxruntime loop (the limit)", ratio, ">= 0.90", ratio >= 0.90,
+                  f"predict {max(res['predict']):.0f} img/s vs raw {limit:.0f} img/s ({len(x)} images, batch {bs})",
+                  {"runs": res, "images": len(x), "batch_size": bs})
+
+
+def fig_predict_vs_torch(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
+    out = b.root / "out-predict"
+    res = alternate(
+        reps,
+        predict=lambda: measure.visionpipe_predict(b.onnx, folder, out, bs)["images_per_second"],
+        torch_eager=lambda: measure.torch_tutorial(b, folder, bs),
+    )
+    ratio = max(res["predict"]) / max(res["torch_eager"])
+    return Figure(2, "predict (onnxruntime) ÷ PyTorch eager tutorial loop", ratio, ">= 1.5", ratio >= 1.5,
+                  f"predict {max(res['predict']):.0f} img/s vs eager {max(res['torch_eager']):.0f} img/s",
+                  {"runs": res, "batch_size": bs})
+
+
+def fig_int8(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
+    x = preprocessed(b, folder)
+    opts = {"threads": usable_cores(), "spinning": False}  # predict's session settings, for both
+    res = alternate(reps, int8=lambda: measure.raw_onnxruntime(b.int8, x, bs, **opts),
+                    fp32=lambda: measure.raw_onnxruntime(b.onnx, x, bs, **opts))
+    ratio = max(res["int8"]) / max(res["fp32"])
+    acc = b.quant_report.get("accuracy", {})
+    drop = acc.get("top1_drop_points", float("nan"))
+    met = ratio >= 1.5 and drop <= 1.0
+    return Figure(3, "int8 ÷ fp32 onnxruntime throughput", ratio, ">= 1.5", met,
+                  f"top-1 {acc.get('top1_fp32', float('nan')):.4f} -> {acc.get('top1_int8', float('nan')):.4f}, "
+                  f"drop {drop:.2f} points (goal <= 1) on {acc.get('images', 0)} val+test images; "
+                  f"{max(res['int8']):.0f} vs {max(res['fp32']):.0f} img/s",
+                  {"runs": res, "accuracy": acc, "quantization": {k: v for k, v in b.quant_report.items()
+                                                                  if k != "accuracy"}})
+
+
+def fig_training(b: Bench, steps: int, bs: int, reps: int) -> Figure:
+    res = alternate(reps, trainer=lambda: measure.trainer_steps_per_second(b, steps, bs, 0),
+                    textbook=lambda: measure.textbook_steps_per_second(b, steps, bs, 0))
+    wall = {k: [w for w, _ in v] for k, v in res.items()}
+    cpu = {k: [c for _, c in v] for k, v in res.items()}
+    ratio = max(wall["trainer"]) / max(wall["textbook"])
+    cpu_ratio = max(cpu["trainer"]) / max(cpu["textbook"])
+    return Figure(4, "Trainer steps/s ÷ hand-written PyTorch loop", ratio, ">= 0.97", ratio >= 0.97,
+                  f"{max(wall['trainer']):.2f} vs {max(wall['textbook']):.2f} steps/s ({steps} steps of {bs}); "
+                  f"per CPU-second {cpu_ratio:.2f}",
+                  {"wall_steps_per_s": wall, "cpu_steps_per_s": cpu, "cpu_ratio": cpu_ratio, "steps": steps,
+                   "batch_size": bs})
+
+
+def fig_memory(b: Bench, small: int, large: int, bs: int) -> Figure:
+    rss = {}
+    for n in (small, large):
+        folder = image_folder(b, "mem", n)
+        out = b.root / f"out-mem-{n}"
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        rss[n] = measure.peak_rss_mb(["predict", str(b.onnx), str(folder), "--out", str(out), "-b", str(bs)], b.root,
+                                     out / "predictions.jsonl")
+        with open(out / "predictions.jsonl") as f:
+            lines = sum(1 for _ in f)
+        assert lines == n, f"predict wrote {lines} predictions for {n} images"
+        log.info("  over %d images: %s", n, rss[n])
+    ratio = rss[large]["peak_rss_mb"] / rss[small]["peak_rss_mb"]
+    return Figure(5, f"peak RSS of predict: {large:,} ÷ {small:,} images", ratio, "<= 1.2", ratio <= 1.2,
+                  f"{rss[large]['peak_rss_mb']:.0f} MB vs {rss[small]['peak_rss_mb']:.0f} MB; while streaming "
+                  f"{large:,} images RSS went {rss[large]['rss_first_batch_mb'] or 0:.0f} -> "
+                  f"{rss[large]['rss_at_end_mb'] or 0:.0f} MB (first batch -> last)",
+                  {"rss": rss})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite; return the exit code."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    ap.add_argument("--quick", action="store_true", help="smoke version for CI: small counts, goals not checked")
+    ap.add_argument("--only", default="1,2,3,4,5", help="figures to run, e.g. 1,3")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per side (default 3; quick 1)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "visionpipe-bench",
+                    help="data, model and image folders (reused between runs)")
+    ap.add_argument("--fresh", action="store_true", help="retrain and re-quantize instead of reusing the workdir")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+    only = {int(x) for x in args.only.split(",") if x.strip()}
+    reps = args.reps or (1 if args.quick else 3)
+    bs = 32
+    n_images = 128 if args.quick else 1000
+    steps = 3 if args.quick else 12
+    small, large = (100, 1000) if args.quick else (1000, 10000)
+
+    info = machine()
+    t0 = time.perf_counter()
+    b = prepare(args.workdir, args.quick, args.fresh)
+    log.info("setup: %.0f s (model test top-1 %s)", b.setup_seconds, b.test_top1)
+    folder = image_folder(b, "predict", n_images)
+    print(f"visionpipe benchmarks{' (quick smoke run: goals not checked)' if args.quick else ''}: "
+          f"{b.metadata['model']} {b.metadata['input_size'][0]}x{b.metadata['input_size'][1]}, "
+          f"{len(b.metadata['class_names'])} classes; {info['cores']} cores of {info['cpu']}; "
+          f"onnxruntime {info['onnxruntime']}, torch {info['torch']}; load avg {info['load_avg_1min_at_start']:.1f}",
+          flush=True)
+    figures: list[Figure] = []
+    runners = {1: lambda: fig_predict_vs_raw(b, folder, bs, reps), 2: lambda: fig_predict_vs_torch(b, folder, bs, reps),
+               3: lambda: fig_int8(b, folder, bs, reps), 4: lambda: fig_training(b, steps, bs, max(reps, 5 if not args.quick else 1)),
+               5: lambda: fig_memory(b, small, large, bs)}
+    for k in sorted(only):
+        log.info("figure %d ...", k)
+        f = runners[k]()
+        figures.append(f)
+        print(f.line(not args.quick), flush=True)
+    missed = [f for f in figures if not f.met]
+    total = time.perf_counter() - t0
+    print(f"{len(figures) - len(missed)}/{len(figures)} goals met; {total:.0f} s in all")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "reps": reps, "seconds": round(total, 1),
+                                         "model_test_top1": b.test_top1,
+                                         "figures": [f.__dict__ for f in figures]}, indent=2, default=str))
+    return 1 if (args.check and not args.quick and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

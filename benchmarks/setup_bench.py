@@ -1,0 +1,194 @@
+"""Benchmark fixtures: the built-in shapes data, one trained classifier (fp32 + int8), image folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench")
+
+PIPELINE = """\
+task: classification
+name: bench
+seed: 0
+device: cpu
+output: {root}/runs
+load:
+  format: imagefolder
+  root: {root}/shapes
+  train: train
+  val: val
+  test: test
+  generate: {{per_class: {per_class}, image_size: 64}}
+augment:
+  image_size: [64, 64]
+  mean: [0.5, 0.5, 0.5]
+  std: [0.25, 0.25, 0.25]
+  train:
+    - {{name: HorizontalFlip, p: 0.5}}
+model:
+  name: resnet18
+train:
+  epochs: {epochs}
+  batch_size: 16
+  optimizer: {{name: adamw, lr: 0.001}}
+  scheduler: {{name: cosine, warmup_epochs: 0.3}}
+  label_smoothing: 0.05
+  tensorboard: false
+evaluate:
+  split: test
+export:
+  opset: 17
+stages: [load, augment, model, train, evaluate, export]
+"""
+
+
+@dataclass
+class Bench:
+    """Everything the figures share: one model, its files and its data."""
+
+    root: Path
+    run_dir: Path
+    onnx: Path
+    int8: Path
+    checkpoint: Path
+    pipeline: Path
+    metadata: dict[str, Any]
+    quant_report: dict[str, Any]
+    test_top1: float | None
+    setup_seconds: float
+
+
+def machine() -> dict[str, Any]:
+    """The CPU and library versions the numbers were measured with."""
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": cores, "load_avg_1min_at_start": load, "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "platform": platform.platform()}
+
+
+def prepare(root: Path, quick: bool, fresh: bool = False) -> Bench:
+    """Generate data, train briefly, export fp32 and int8 (cached in ``root`` between runs)."""
+    from visionpipe.export.onnx import read_metadata
+    from visionpipe.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    per_class, epochs = (40, 1) if quick else (300, 6)
+    tag = f"pc{per_class}-ep{epochs}-bs16"
+    pipeline = root / f"bench-{tag}.yaml"
+    pipeline.write_text(PIPELINE.format(root=root, per_class=per_class, epochs=epochs))
+    run_dir = root / "runs" / tag
+    done = run_dir / "manifest.json"
+    if fresh or not (done.is_file() and json.loads(done.read_text()).get("status") == "finished"):
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        log.info("training the benchmark model (%s) in %s", tag, run_dir)
+        run_pipeline(str(pipeline), [], run_dir=str(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    onnx_path, int8 = run_dir / "model.onnx", run_dir / "model.int8.onnx"
+    report_file = run_dir / "model.int8.json"
+    if fresh or not report_file.is_file():
+        report = quantize(run_dir, onnx_path, int8)
+        from visionpipe.io import write_json
+
+        write_json(report_file, report)
+    return Bench(root, run_dir, onnx_path, int8, run_dir / "checkpoints" / "best.pt", pipeline,
+                 read_metadata(onnx_path), json.loads(report_file.read_text()), metrics.get("test/top1"),
+                 time.perf_counter() - t0)
+
+
+def eval_samples(run_dir: Path) -> tuple[list[str], list[int]]:
+    """(paths, labels) of the val and test splits: the int8 accuracy comparison's images."""
+    from visionpipe.export.onnx import read_metadata
+
+    names = read_metadata(run_dir / "model.onnx")["class_names"]
+    cfg_root = Path(_load_root(run_dir))
+    paths, labels = [], []
+    for split in ("val", "test"):
+        for ci, c in enumerate(names):
+            for p in sorted((cfg_root / split / c).glob("*.png")):
+                paths.append(str(p))
+                labels.append(ci)
+    return paths, labels
+
+
+def _load_root(run_dir: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["load"]["root"]
+
+
+def train_paths(run_dir: Path) -> list[str]:
+    """Training images (calibration data for static int8)."""
+    return sorted(str(p) for p in (Path(_load_root(run_dir)) / "train").rglob("*.png"))
+
+
+def quantize(run_dir: Path, fp32: Path, int8: Path) -> dict[str, Any]:
+    """Static int8 with 256 training images; accuracy vs fp32 on val + test."""
+    from visionpipe_plugins.classification.task import ClassificationTask
+
+    from visionpipe.export.onnx import read_metadata
+    from visionpipe.export.quantize import quantize_export
+
+    predictor = ClassificationTask.predictor(read_metadata(fp32), {})
+    paths, labels = eval_samples(run_dir)
+    return quantize_export(fp32, int8, "static", predictor, train_paths(run_dir), paths, labels, 256)
+
+
+def image_folder(bench: Bench, name: str, count: int) -> Path:
+    """A folder of ``count`` images: hard links to the generated images, cycled (decoding cost is real)."""
+    folder = bench.root / "images" / f"{name}-{count}"
+    marker = folder / ".complete"
+    if marker.is_file():
+        return folder
+    sources = train_paths(bench.run_dir) + eval_samples(bench.run_dir)[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        dest = sub / f"{i:06d}.png"
+        if not dest.exists():
+            try:
+                os.link(sources[i % len(sources)], dest)
+            except OSError:  # another file system: copy
+                dest.write_bytes(Path(sources[i % len(sources)]).read_bytes())
+    marker.write_text(str(count))
+    return folder
+
+
+def preprocessed(bench: Bench, folder: Path, limit: int | None = None) -> np.ndarray:
+    """All images of ``folder`` decoded and preprocessed exactly as predict does (N, C, H, W float32)."""
+    from visionpipe_plugins.classification.task import ClassificationTask
+
+    from visionpipe.images import iter_image_files, read_image
+
+    pred = ClassificationTask.predictor(bench.metadata, {})
+    xs = []
+    for i, p in enumerate(iter_image_files(folder)):
+        if limit is not None and i >= limit:
+            break
+        xs.append(pred.preprocess(read_image(p))[0]["images"])
+    return np.stack(xs)

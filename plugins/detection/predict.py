@@ -1,0 +1,163 @@
+"""Detection predictions: records with boxes in original pixels, drawings, and a COCO results file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from visionpipe_plugins.detection.formats import load_coco_json
+
+from visionpipe.io import write_json
+from visionpipe.task import Predictor
+
+log = logging.getLogger(__name__)
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+class DetectionPredictor(Predictor):
+    """One image per run (sizes differ); the model resizes and normalizes inside.
+
+    Options: ``score_threshold`` (records keep detections at or above it; default the model's
+    ``box_score_thresh``), ``draw_threshold`` (boxes drawn by ``--save-images``), ``gt`` (a COCO
+    annotation file whose image ids the COCO results file should use).
+    """
+
+    batchable = False
+
+    def __init__(self, metadata: dict[str, Any], options: dict[str, Any]) -> None:
+        super().__init__(metadata, options)
+        self.names: list[str] = metadata["class_names"]
+        self.cat_ids: list[Any] = metadata["category_ids"]
+        thr = options.get("score_threshold")
+        self.score_thr = float(thr if thr is not None else metadata.get("score_threshold", 0.0))
+        dthr = options.get("draw_threshold")
+        self.draw_thr = float(dthr if dthr is not None else metadata.get("draw_threshold", 0.5))
+
+    def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
+        x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+        return {"images": x}, image.shape[:2]
+
+    def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
+        boxes, labels, scores = (np.asarray(o) for o in outputs[:3])
+        keep = scores >= self.score_thr
+        boxes, labels, scores = boxes.reshape(-1, 4)[keep], labels.reshape(-1)[keep], scores.reshape(-1)[keep]
+        h, w = state
+        idx = [int(k) - 1 for k in labels]
+        return {"width": int(w), "height": int(h),
+                "boxes": [[round(float(v), 2) for v in b] for b in boxes],
+                "labels": [self.names[i] if 0 <= i < len(self.names) else str(i + 1) for i in idx],
+                "category_ids": [self.cat_ids[i] if 0 <= i < len(self.cat_ids) else i + 1 for i in idx],
+                "scores": [round(float(s), 5) for s in scores]}
+
+    def draw(self, image: np.ndarray, record: dict[str, Any]) -> np.ndarray:
+        out = image.copy()
+        scale = max(out.shape[:2]) / 400
+        thick = max(1, round(2 * scale))
+        font = max(0.35, 0.5 * scale)
+        for b, name, s in zip(record["boxes"], record["labels"], record["scores"], strict=True):
+            if s < self.draw_thr:
+                continue
+            color = PALETTE[self.names.index(name) % len(PALETTE)] if name in self.names else (255, 255, 255)
+            x1, y1, x2, y2 = (round(v) for v in b)
+            cv2.rectangle(out, (x1, y1), (x2, y2), color, thick)
+            text = f"{name} {s:.2f}"
+            (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
+            ty = y1 - 2 if y1 - th - base - 2 >= 0 else y1 + th + 2
+            tx = max(0, min(x1, out.shape[1] - tw - 3))  # keep the label inside the image
+            cv2.rectangle(out, (tx, ty - th - base + 1), (tx + tw + 2, ty + base - 1), color, -1)
+            cv2.putText(out, text, (tx + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 1, cv2.LINE_AA)
+        return out
+
+    def write_extra(self, out_dir: Path, records: Iterator[dict[str, Any]]) -> list[Path]:
+        """coco_results.json (for pycocotools ``loadRes``), coco_images.json (the image ids used) and, when a
+        ground truth is known, coco_metrics.json."""
+        recs = list(records)
+        gt_path, ids = self._image_ids([r["path"] for r in recs])
+        results, images, unmatched = [], [], 0
+        for i, r in enumerate(recs):
+            image_id = ids.get(r["path"]) if gt_path else i + 1
+            if image_id is None:
+                unmatched += 1
+                continue
+            images.append({"id": image_id, "file_name": r["path"], "width": r["width"], "height": r["height"]})
+            for b, c, s in zip(r["boxes"], r["category_ids"], r["scores"], strict=True):
+                results.append({"image_id": image_id, "category_id": c,
+                                "bbox": [b[0], b[1], round(b[2] - b[0], 2), round(b[3] - b[1], 2)], "score": s})
+        out_dir = Path(out_dir)
+        written = [out_dir / "coco_results.json", out_dir / "coco_images.json"]
+        write_json(written[0], results)
+        cats = [{"id": c, "name": n} for c, n in zip(self.cat_ids, self.names, strict=True)]
+        write_json(written[1], {"images": images, "annotations": [], "categories": cats,
+                                "info": {"image_ids": f"from {gt_path}" if gt_path else "1-based order of "
+                                         "predictions.jsonl (no ground truth known)"}})
+        if self.options.get("save_images") and recs:
+            written.append(self._preview(recs[:16], out_dir / "preview.png"))
+        if unmatched:
+            log.warning("%d image(s) are not in %s and are left out of coco_results.json", unmatched, gt_path)
+        if gt_path and images:
+            from visionpipe_plugins.detection.formats import coco_index
+            from visionpipe_plugins.detection.metrics import coco_evaluate
+
+            gt = coco_index(load_coco_json(Path(gt_path)))
+            metrics, _ = coco_evaluate(gt, results, image_ids=[im["id"] for im in images])
+            write_json(out_dir / "coco_metrics.json", {"ground_truth": str(gt_path), "images": len(images),
+                                                       **metrics})
+            written.append(out_dir / "coco_metrics.json")
+            log.info("predictions scored against %s on %d image(s): AP %.3f, AP50 %.3f", gt_path, len(images),
+                     metrics.get("AP", 0.0), metrics.get("AP50", 0.0))
+        return written
+
+    def _preview(self, recs: list[dict[str, Any]], path: Path) -> Path:
+        """A grid of the first drawings (the picture to show someone)."""
+        from visionpipe.images import read_image
+        from visionpipe.plots import save_image_grid
+
+        drawn, titles = [], []
+        for r in recs:
+            try:
+                drawn.append(self.draw(read_image(r["path"]), r))
+            except Exception:  # a file gone since it was predicted: leave it out of the picture
+                continue
+            titles.append(Path(r["path"]).name)
+        save_image_grid(drawn, path, cols=4, titles=titles)
+        return path
+
+    def _image_ids(self, paths: list[str]) -> tuple[str | None, dict[str, Any]]:
+        """(ground-truth file, path → image id): from the ``gt`` option, else the best-covering known split."""
+        given = self.options.get("gt")
+        if given:
+            data = load_coco_json(Path(given))
+            by_suffix = {tuple(Path(str(im["file_name"])).parts): im["id"] for im in data["images"]}
+            ids = {}
+            for p in paths:
+                parts = Path(p).parts
+                for k in range(len(parts), 0, -1):
+                    if parts[-k:] in by_suffix:
+                        ids[p] = by_suffix[parts[-k:]]
+                        break
+            return str(given), ids
+        best: tuple[str | None, dict[str, Any]] = (None, {})
+        wanted = {str(Path(p).resolve()): p for p in paths}
+        for entry in self.metadata.get("ground_truth", []):
+            ann = Path(entry["annotations"])
+            if not ann.is_file():
+                continue
+            try:
+                data = json.loads(ann.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            root = Path(entry["images"])
+            ids = {}
+            for im in data.get("images", []):
+                full = str((root / str(im["file_name"])).resolve())
+                if full in wanted:
+                    ids[wanted[full]] = im["id"]
+            if len(ids) > len(best[1]):
+                best = (str(ann), ids)
+        return best

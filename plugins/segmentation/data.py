@@ -1,0 +1,265 @@
+"""Segmentation datasets: image + mask pairs from folders, list files or COCO, checked before training."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from visionpipe_plugins.segmentation.coco import CocoImage, read_coco, render_mask
+from visionpipe_plugins.segmentation.config import LoadConfig
+from visionpipe_plugins.segmentation.generate import generate_shapes
+from visionpipe_plugins.segmentation.masks import mask_palette, mask_size, read_mask, voc_palette
+
+from visionpipe.augment import SeededAugmentation
+from visionpipe.errors import ConfigError, DataError, ImageReadError, VisionpipeError
+from visionpipe.images import IMAGE_EXTENSIONS, BadImage, iter_image_files, read_image
+from visionpipe.paths import resolve_under
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and where its mask comes from: a mask file or a COCO image entry."""
+
+    image: str
+    mask: str | None = None
+    coco: CocoImage | None = None
+
+    def describe_mask(self) -> str:
+        """The mask's file, or the annotation file it is rendered from."""
+        return self.mask or (f"{self.coco.source} (for {self.image})" if self.coco else "?")
+
+
+def load_mask(sample: Sample, ignore_index: int) -> np.ndarray:
+    """The class-index mask of ``sample`` (read from its PNG or rendered from COCO shapes)."""
+    if sample.coco is not None:
+        return render_mask(sample.coco, ignore_index)
+    return read_mask(sample.mask)
+
+
+def check_labels(mask: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:
+    """Raise DataError when ``mask`` holds values that are neither a class nor ``ignore_index``."""
+    bad = (mask >= num_classes) & (mask != ignore_index)
+    if bad.any():
+        vals = sorted(int(v) for v in np.unique(mask[bad]))[:5]
+        raise DataError(f"{where}: mask values {vals} are neither a class index (0..{num_classes - 1}) nor "
+                        f"ignore_index {ignore_index}; check load.classes / load.ignore_index")
+
+
+class SegmentationDataset(SeededAugmentation, Dataset):
+    """(image tensor CHW float, mask tensor HW long) pairs; ``transform`` is an albumentations Compose."""
+
+    def __init__(self, samples: list[Sample], num_classes: int, ignore_index: int = 255,
+                 transform: Any = None) -> None:
+        self.samples = samples
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded image (HxWx3 uint8) and mask (HxW uint8) before any transform; sizes checked."""
+        s = self.samples[i]
+        img = read_image(s.image)
+        mask = load_mask(s, self.ignore_index)
+        if img.shape[:2] != mask.shape[:2]:
+            raise DataError(f"{s.image}: image is {img.shape[1]}x{img.shape[0]} but its mask {s.describe_mask()} "
+                            f"is {mask.shape[1]}x{mask.shape[0]} (width x height); they must match")
+        check_labels(mask, self.num_classes, self.ignore_index, s.describe_mask())
+        return img, mask
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img, mask = self.raw(i)
+        if self.transform is not None:
+            out = self.augment_sample(self.transform, i, image=img, mask=mask)
+            img, mask = out["image"], out["mask"]
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+        return x, torch.from_numpy(mask.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+        p = folder / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def scan_mask_folder(split_dir: Path, cfg: LoadConfig, split: str) -> list[Sample]:
+    """Pairs of split_dir/<image_dir>/X.* and split_dir/<mask_dir>/X<mask_suffix>; a missing mask is an error."""
+    image_dir = resolve_under(split_dir, cfg.image_dir.format(split=split), what=f"load.image_dir ({split})")
+    mask_dir = resolve_under(split_dir, cfg.mask_dir.format(split=split), what=f"load.mask_dir ({split})")
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: images folder of split '{split}' not found "
+                        f"(expected {split_dir}/{cfg.image_dir} and {split_dir}/{cfg.mask_dir})")
+    samples = []
+    for img in iter_image_files(image_dir):
+        rel = img.relative_to(image_dir)
+        mask = mask_dir / rel.parent / f"{img.stem}{cfg.mask_suffix}"
+        if not mask.is_file():
+            raise DataError(f"{img}: no mask for this image (expected {mask})")
+        samples.append(Sample(str(img), str(mask)))
+    if not samples:
+        raise DataError(f"{image_dir}: no images in split '{split}'")
+    return samples
+
+
+def scan_mask_list(list_file: Path, root: Path, cfg: LoadConfig, split: str) -> list[Sample]:
+    """Pairs named by a list of stems (Pascal VOC ImageSets style); images and masks under root."""
+    if not list_file.is_file():
+        raise DataError(f"{list_file}: list file of split '{split}' not found")
+    image_dir = resolve_under(root, cfg.image_dir.format(split=split), what="load.image_dir")
+    mask_dir = resolve_under(root, cfg.mask_dir.format(split=split), what="load.mask_dir")
+    samples = []
+    for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        stem = line.strip().split()[0] if line.strip() else ""
+        if not stem or stem.startswith("#"):
+            continue
+        img = _find_image(resolve_under(image_dir, Path(stem).parent, what=f"{list_file.name}:{lineno}"),
+                          Path(stem).name)
+        if img is None:
+            raise DataError(f"{list_file}:{lineno}: no image '{stem}.*' in {image_dir}")
+        mask = resolve_under(mask_dir, f"{stem}{cfg.mask_suffix}", what=f"{list_file.name}:{lineno}")
+        if not mask.is_file():
+            raise DataError(f"{img}: no mask for this image (expected {mask}; listed in {list_file}:{lineno})")
+        samples.append(Sample(str(img), str(mask)))
+    if not samples:
+        raise DataError(f"{list_file}: no entries")
+    return samples
+
+
+def check_pairs(samples: list[Sample], workers: int | None = None) -> tuple[list[Sample], list[BadImage]]:
+    """Decode every image once; skip unreadable ones; raise DataError for masks of another size."""
+    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+
+    def probe(s: Sample) -> BadImage | str | None:
+        try:
+            img = read_image(s.image)
+        except ImageReadError as e:
+            return BadImage(s.image, e.reason)
+        h, w = (s.coco.height, s.coco.width) if s.coco else mask_size(s.mask)
+        if (h, w) != img.shape[:2]:
+            return (f"{s.image}: image is {img.shape[1]}x{img.shape[0]} but its mask {s.describe_mask()} is "
+                    f"{w}x{h} (width x height)")
+        return None
+
+    good, bad, mismatched = [], [], []
+    with ThreadPoolExecutor(workers) as pool:
+        for s, res in zip(samples, pool.map(probe, samples), strict=True):
+            if res is None:
+                good.append(s)
+            elif isinstance(res, BadImage):
+                bad.append(res)
+            else:
+                mismatched.append(res)
+    if mismatched:
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise DataError(f"{mismatched[0]}; image and mask sizes must match{more}")
+    return good, bad
+
+
+def read_class_file(path: Path) -> list[str]:
+    """Class names, one per line (blank lines and # comments skipped)."""
+    if not path.is_file():
+        raise DataError(f"{path}: classes file not found")
+    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if len(names) < 2:
+        raise DataError(f"{path}: needs at least 2 class names, one per line (got {len(names)})")
+    return names
+
+
+def infer_classes(samples: list[Sample], ignore_index: int) -> list[str]:
+    """Names class_0..class_K from the largest label found in the masks (when no names are given)."""
+    hi = 0
+    for s in samples:
+        m = load_mask(s, ignore_index)
+        vals = m[m != ignore_index]
+        if vals.size:
+            hi = max(hi, int(vals.max()))
+    log.warning("no load.classes or load.classes_file: %d classes inferred from the masks (largest label %d)",
+                max(hi + 1, 2), hi)
+    return [f"class_{i}" for i in range(max(hi + 1, 2))]
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def load_splits(cfg: LoadConfig) -> tuple[dict[str, list[Sample]], dict[str, Any], list[BadImage], list[Path]]:
+    """Samples per split, the data info (class names, palette, ignore_index), skipped images, list files."""
+    root = Path(cfg.root).expanduser().resolve()
+    if cfg.generate is not None and not root.exists():
+        generate_shapes(root, cfg.generate)
+    if not root.is_dir():
+        raise DataError(f"load.root: {root} does not exist")
+    samples: dict[str, list[Sample]] = {}
+    inputs: list[Path] = []
+    cats: list[dict[str, Any]] | None = None
+    for split in ("train", "val", "test"):
+        name = getattr(cfg, split)
+        if name is None:
+            continue
+        target = resolve_under(root, name, what=f"load.{split}")
+        if cfg.format == "coco":
+            image_root = resolve_under(root, cfg.image_dir.format(split=split), what="load.image_dir")
+            images, split_cats = read_coco(target, image_root)
+            if cats is not None and [c["name"] for c in split_cats] != [c["name"] for c in cats]:
+                raise DataError(f"{target}: categories differ from the other splits' ({[c['name'] for c in cats]})")
+            cats = split_cats
+            samples[split] = [Sample(im.path, None, im) for im in images]
+            inputs.append(target)
+        elif name.endswith(".txt"):
+            samples[split] = scan_mask_list(target, root, cfg, split)
+            inputs.append(target)
+        else:
+            samples[split] = scan_mask_folder(target, cfg, split)
+    if not samples:
+        raise VisionpipeError("load: no split configured (train/val/test are all null)")
+
+    classes = _class_names(cfg, root, cats, samples, inputs)
+    if cfg.ignore_index < len(classes):
+        raise ConfigError(f"{cfg.ignore_index} is a class index (classes are 0..{len(classes) - 1}); "
+                          f"use a value >= {len(classes)}, e.g. 255", field="load.ignore_index")
+    first = next(iter(samples.values()))[0]
+    palette = (mask_palette(first.mask, len(classes)) if first.mask else None) or voc_palette(len(classes))
+    bad_all: list[BadImage] = []
+    if cfg.check_images:
+        for split in list(samples):
+            samples[split], bad = check_pairs(samples[split])
+            bad_all += bad
+            for b in bad:
+                log.warning("skipping unreadable image %s: %s", b.path, b.reason)
+    info = {"class_names": classes, "palette": palette, "ignore_index": cfg.ignore_index}
+    return samples, info, bad_all, inputs
+
+
+def _class_names(cfg: LoadConfig, root: Path, cats: list[dict[str, Any]] | None,
+                 samples: dict[str, list[Sample]], inputs: list[Path]) -> list[str]:
+    if cfg.classes:
+        names = list(cfg.classes)
+    elif cfg.classes_file:
+        path = resolve_under(root, cfg.classes_file, what="load.classes_file")
+        names = read_class_file(path)
+        inputs.append(path)
+    elif cats is not None:
+        names = [cfg.coco_background] + [str(c["name"]) for c in cats]
+    else:
+        names = infer_classes(samples.get("train") or next(iter(samples.values())), cfg.ignore_index)
+    if cats is not None and len(names) != len(cats) + 1:
+        raise ConfigError(f"{len(names)} names given but the COCO file has {len(cats)} categories + background",
+                          field="load.classes")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"duplicate class names in {names}", field="load.classes")
+    return names

@@ -1,0 +1,128 @@
+"""Config errors name the file, the YAML line and the field; --set overrides are typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from visionpipe.config import load_config
+from visionpipe.errors import ConfigError
+
+BASE = """\
+task: classification
+seed: 0
+load:
+  root: data
+train:
+  epochs: 2
+  optimizer:
+    name: sgd
+    lr: 0.01
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_valid_config_fills_defaults(tmp_path):
+    loaded = load_config(write(tmp_path, BASE))
+    cfg = loaded.config
+    assert cfg.train.epochs == 2 and cfg.train.batch_size == 32
+    assert cfg.train.optimizer.momentum == 0.9
+    assert cfg.stage_list() == ["load", "train"]
+    assert cfg.name == "p"
+
+
+def test_negative_lr_names_line_and_field(tmp_path):
+    p = write(tmp_path, BASE.replace("lr: 0.01", "lr: -0.01"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}:9: train.optimizer.lr: must be > 0 (got -0.01)"
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    p = write(tmp_path, BASE.replace("  epochs: 2", "  epochs: 2\n  batch_sise: 4"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:7: train.batch_sise: unknown key")
+    assert "did you mean 'batch_size'?" in msg
+
+
+def test_unknown_top_level_block(tmp_path):
+    p = write(tmp_path, BASE + "evalute:\n  split: val\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:10: evalute: unknown key; did you mean 'evaluate'?" in str(e.value)
+
+
+def test_unknown_task_lists_valid(tmp_path):
+    p = write(tmp_path, BASE.replace("task: classification", "task: clasification"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:1: task: unknown task 'clasification'; did you mean 'classification'?" in str(e.value)
+
+
+def test_wrong_type_and_literal(tmp_path):
+    p = write(tmp_path, BASE.replace("epochs: 2", "epochs: many"))
+    with pytest.raises(ConfigError, match=r":6: train.epochs: .*integer.*'many'"):
+        load_config(p)
+    p = write(tmp_path, BASE.replace("name: sgd", "name: lion"))
+    with pytest.raises(ConfigError, match=r":8: train.optimizer.name: must be one of 'sgd', 'adamw' or 'adam'"):
+        load_config(p)
+
+
+def test_bad_yaml_syntax_has_line(tmp_path):
+    p = write(tmp_path, BASE + "model: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:\d+: invalid YAML"):
+        load_config(p)
+
+
+def test_unknown_augmentation_is_caught_at_load(tmp_path):
+    p = write(tmp_path, BASE + "augment:\n  train:\n    - {name: HorizontalFlop, p: 0.5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "augment.train" in str(e.value) and "did you mean 'HorizontalFlip'" in str(e.value)
+    assert f"{p}:11:" in str(e.value)
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    p = write(tmp_path, BASE)
+    cfg = load_config(p, ["train.epochs=7", "train.optimizer.nesterov=true", "augment.image_size=[32,48]"]).config
+    assert cfg.train.epochs == 7 and cfg.train.optimizer.nesterov is True
+    assert cfg.augment.image_size == (32, 48)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["train.optimizer.lr=-1"])
+    assert str(e.value) == "--set: train.optimizer.lr: must be > 0 (got -1)"
+
+
+def test_stages_list_is_checked(tmp_path):
+    p = write(tmp_path, BASE + "stages: [load, trian]\n")
+    with pytest.raises(ConfigError, match="unknown stage 'trian'; did you mean 'train'"):
+        load_config(p)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    p = write(tmp_path, BASE.replace("lr: 0.01", "lr: -0.01"))
+    proc = run_cli("validate", str(p), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "p.yaml:9: train.optimizer.lr: must be > 0 (got -0.01)" in lines[0]
+
+
+def test_cli_validate_prints_resolved_config(tmp_path):
+    proc = run_cli("validate", str(write(tmp_path, BASE)), "--set", "train.epochs=3", cwd=tmp_path)
+    assert "epochs: 3" in proc.stdout and "batch_size: 32" in proc.stdout
+    assert "ok" in proc.stderr
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = write(tmp_path, BASE + "model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)

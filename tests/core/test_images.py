@@ -1,0 +1,114 @@
+"""Every image mode decodes the same way; broken files fail with a reason, never a crash."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionpipe.errors import ImageReadError
+from visionpipe.images import check_images, read_image
+
+
+def rgb(h=24, w=40) -> np.ndarray:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, : w // 2] = (200, 10, 10)
+    a[:, w // 2:] = (10, 10, 200)
+    return a
+
+
+def test_rgb_png_roundtrip(tmp_path):
+    p = tmp_path / "a.png"
+    Image.fromarray(rgb()).save(p)
+    out = read_image(p)
+    assert out.shape == (24, 40, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, rgb())
+
+
+def test_grayscale_becomes_three_channels(tmp_path):
+    p = tmp_path / "g.png"
+    Image.fromarray(np.full((16, 16), 77, np.uint8), mode="L").save(p)
+    out = read_image(p)
+    assert out.shape == (16, 16, 3) and (out == 77).all()
+
+
+def test_rgba_alpha_is_composited(tmp_path):
+    a = np.zeros((16, 16, 4), np.uint8)
+    a[..., 0] = 255
+    a[:8, :, 3] = 255  # top half opaque red, bottom transparent
+    p = tmp_path / "t.png"
+    Image.fromarray(a, mode="RGBA").save(p)
+    out = read_image(p)
+    assert out.shape == (16, 16, 3)
+    assert (out[:8, :, 0] == 255).all() and (out[8:] == 0).all()
+
+
+def test_16bit_is_scaled_to_8bit(tmp_path):
+    a = np.full((16, 16), 65535, np.uint16)
+    a[:8] = 32768
+    p = tmp_path / "d.png"
+    Image.fromarray(a).save(p)
+    assert Image.open(p).mode.startswith("I")
+    out = read_image(p)
+    assert out.shape == (16, 16, 3)
+    assert out[8:, :, 0].min() == 255 and 126 <= out[0, 0, 0] <= 129
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    p = tmp_path / "rot.jpg"
+    img = Image.fromarray(rgb(24, 40))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display
+    img.save(p, exif=exif, quality=95)
+    out = read_image(p)
+    assert out.shape == (40, 24, 3)  # width and height swapped
+    # after a clockwise turn the left (red) half is on top
+    assert out[2, 12, 0] > 150 and out[-3, 12, 2] > 150
+
+
+def test_palette_png(tmp_path):
+    p = tmp_path / "p.png"
+    Image.fromarray(rgb()).convert("P").save(p)
+    assert read_image(p).shape == (24, 40, 3)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "not a recognised image"),
+    (b"this is not an image at all", "not a recognised image"),
+])
+def test_garbage_files_fail_with_reason(tmp_path, content, reason):
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as e:
+        read_image(p)
+    assert e.value.path == str(p)
+
+
+def test_truncated_file_fails(tmp_path):
+    p = tmp_path / "trunc.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="cannot decode"):
+        read_image(p)
+
+
+def test_too_small_and_missing(tmp_path):
+    p = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(p)
+    with pytest.raises(ImageReadError, match="too small"):
+        read_image(p)
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_check_images_splits_good_and_bad_without_touching_files(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(rgb()).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    before = bad.read_bytes()
+    ok, skipped = check_images([str(good), str(bad)])
+    assert ok == [str(good)]
+    assert [b.path for b in skipped] == [str(bad)] and skipped[0].reason
+    assert bad.read_bytes() == before

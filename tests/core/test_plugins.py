@@ -1,0 +1,83 @@
+"""Plugins load through the `visionpipe` entry-point group: built-ins, a third-party package, a broken one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from visionpipe.manager import PluginManager
+
+PLUGINS = REPO / "tests" / "plugins"
+BUILTIN_TASKS = {"classification"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """Install the test plugin packages (hello: adds a task; broken: fails to import) into a site folder."""
+    target = tmp_path_factory.mktemp("site")
+    for pkg in ("visionpipe-hello", "visionpipe-broken"):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(target), str(PLUGINS / pkg)], check=True,
+                       capture_output=True, text=True)
+    return target
+
+
+def env_with(site: Path) -> dict:
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_builtin_tasks_come_from_entry_points():
+    mgr = PluginManager()
+    by_name = {i.name: i for i in mgr.infos}
+    assert by_name["classification"].entry_point == "visionpipe.classification = visionpipe_plugins.classification"
+    assert by_name["classification"].distribution == "visionpipe"
+    assert BUILTIN_TASKS <= set(mgr.tasks)
+    assert mgr.owner_of("classification") == "classification"
+
+
+def test_registering_a_class_instead_of_an_instance_is_refused():
+    from visionpipe.errors import VisionpipeError
+
+    class NotAnInstance:
+        pass
+
+    with pytest.raises(VisionpipeError, match="is a class; register an instance or a module"):
+        PluginManager(load_entry_points=False).register(NotAnInstance)
+
+
+def test_plugins_command_lists_third_party_and_broken(site, tmp_path):
+    proc = run_cli("plugins", "--json", cwd=tmp_path, env=env_with(site))
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["hello"]["tasks"] == ["hello"] and rows["hello"]["version"] == "0.3.0"
+    assert rows["hello"]["distribution"] == "visionpipe-hello" and rows["hello"]["error"] is None
+    assert "ModuleNotFoundError" in rows["broken"]["error"] and "foo_backend_that_does_not_exist" in rows["broken"]["error"]
+    assert rows["classification"]["error"] is None and "resnet18" in rows["classification"]["models"]
+    table = run_cli("plugins", cwd=tmp_path, env=env_with(site)).stdout
+    assert "hello" in table and "failed" in table
+
+
+def test_broken_plugin_does_not_break_other_commands(site, tmp_path, tiny_pipeline):
+    proc = run_cli("validate", str(tiny_pipeline()), cwd=tmp_path, env=env_with(site))
+    assert "task: classification" in proc.stdout
+
+
+def test_third_party_task_runs_a_full_pipeline(site, tmp_path):
+    p = tmp_path / "hello.yaml"
+    p.write_text("task: hello\nload: {root: imgs, generate: 24, size: 16}\nmodel: {width: 4}\n"
+                 "train: {epochs: 2, batch_size: 4, optimizer: {name: adamw, lr: 0.01}}\nevaluate: {}\nexport: {}\n"
+                 "predict: {source: imgs}\n")
+    run_cli("run", str(p), "--run-dir", "out", cwd=tmp_path, env=env_with(site))
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "val/mae" in metrics and metrics["val/mae"] >= 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["plugins"]["hello"]["version"] == "0.3.0"
+    assert (out / "model.onnx").is_file()
+    lines = (out / "predictions" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 24 and "brightness" in json.loads(lines[0])

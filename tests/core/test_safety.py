@@ -1,0 +1,98 @@
+"""Security and reliability defaults: weights_only loads, paths kept in their root, atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from visionpipe.engine.checkpoint import load_checkpoint, save_checkpoint
+from visionpipe.errors import UnsafePathError, VisionpipeError
+from visionpipe.io import TMP_PREFIX, atomic_open, clean_stale_tmp, write_json
+from visionpipe.paths import resolve_under
+
+
+class Payload:
+    """Any arbitrary object: a pickle of it must never be loaded."""
+
+    def __reduce__(self):
+        return (os.system, ("echo should-not-run",))
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 3, "history": [{"a": 1.0}]}, p)
+    state = load_checkpoint(p)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, p)
+    with pytest.raises(VisionpipeError, match="weights_only=True"):
+        load_checkpoint(p)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    p = tmp_path / "broken.pt"
+    p.write_bytes(b"not a zip")
+    with pytest.raises(VisionpipeError, match=r"broken\.pt: cannot load checkpoint safely"):
+        load_checkpoint(p)
+
+
+@pytest.mark.parametrize("rel", ["../outside.png", "a/../../x.png", "/etc/passwd"])
+def test_paths_escaping_root_are_refused(tmp_path, rel):
+    with pytest.raises(UnsafePathError, match="outside its root"):
+        resolve_under(tmp_path, rel, what="file_name")
+
+
+def test_paths_inside_root_resolve(tmp_path):
+    assert resolve_under(tmp_path, "a/b/../c.png") == (tmp_path / "a" / "c.png").resolve()
+
+
+def test_symlink_escape_is_refused(tmp_path):
+    (tmp_path / "root").mkdir()
+    os.symlink("/etc", tmp_path / "root" / "link")
+    with pytest.raises(UnsafePathError):
+        resolve_under(tmp_path / "root", "link/passwd")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "m.json"
+    write_json(p, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_open(p, "w") as f:
+            f.write('{"v": 2, "half')
+            raise RuntimeError("killed mid-write")
+    assert p.read_text().strip().startswith('{\n  "v": 1')
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(TMP_PREFIX)]
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / f"{TMP_PREFIX}last.pt.abc"
+    stale.write_bytes(b"partial")
+    assert clean_stale_tmp(tmp_path) == [stale]
+    assert not stale.exists()
+
+
+def test_onnx_external_data_outside_folder_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from visionpipe.export.onnx import check_external_data
+
+    t = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    t.data_location = TensorProto.EXTERNAL
+    t.ClearField("float_data")
+    for k, v in (("location", "../../secret.bin"), ("offset", "0"), ("length", "4")):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [t])
+    d = tmp_path / "m"
+    d.mkdir()
+    onnx.save(helper.make_model(graph), str(d / "model.onnx"))
+    with pytest.raises(UnsafePathError, match="outside the model's folder"):
+        check_external_data(d / "model.onnx")

@@ -1,0 +1,249 @@
+"""Each annotation layout on tiny data; empty images; clipping; clear errors for bad annotations."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from visionpipe_plugins.detection.config import DetectionAugmentConfig, LoadConfig
+from visionpipe_plugins.detection.data import DetectionDataset, build_train_transform, collate, load_splits
+
+from tests.detection.conftest import write_png
+from visionpipe.errors import DataError, UnsafePathError
+
+
+def load(**kw):
+    return load_splits(LoadConfig(**kw))
+
+
+# ----------------------------------------------------------------------------- COCO
+
+
+def test_generated_coco_dataset_loads_with_contiguous_labels(shapes_root: Path) -> None:
+    split = {"annotations": "annotations/{}.json", "images": "images"}
+    records, cats, bad, inputs, stats = load(
+        format="coco", root=str(shapes_root),
+        **{s: {k: v.format(s) for k, v in split.items()} for s in ("train", "val", "test")})
+    assert cats.names == ["circle", "square", "triangle", "cross"]
+    assert cats.ids == [1, 2, 3, 4]
+    assert [len(records[s]) for s in ("train", "val", "test")] == [6, 3, 3]
+    assert not bad and len(inputs) == 3
+    for recs in records.values():
+        for r in recs:
+            assert Path(r.path).is_file()
+            assert set(r.labels.tolist()) <= {1, 2, 3, 4}
+            assert (r.boxes[:, 2] > r.boxes[:, 0]).all() and (r.boxes[:, 0] >= 0).all()
+            assert (r.boxes[:, 2:] <= 48).all()
+    assert stats["train"]["boxes"] == sum(len(r.labels) for r in records["train"])
+
+
+def test_generator_boxes_are_tight_around_the_painted_shape(shapes_root: Path) -> None:
+    doc = json.loads((shapes_root / "annotations" / "train.json").read_text())
+    ann = doc["annotations"][0]
+    assert ann["area"] <= ann["bbox"][2] * ann["bbox"][3]
+    assert ann["bbox"][2] >= 4 and ann["bbox"][3] >= 4
+
+
+def test_coco_maps_category_ids_keeps_empty_images_clips_and_drops_degenerate(coco_root: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        records, cats, *_ = load(format="coco", root=str(coco_root),
+                                 train={"annotations": "train.json", "images": "imgs"})
+    assert cats.ids == [3, 7] and cats.names == ["cat", "dog"]
+    by_id = {r.image_id: r for r in records["train"]}
+    a = by_id[10]
+    assert a.labels.tolist() == [1, 2]
+    np.testing.assert_allclose(a.boxes[1], [40, 30, 50, 40])  # clipped to the 50x40 image
+    assert len(by_id[11].labels) == 0  # a negative, kept
+    assert by_id[12].crowd.tolist() == [True]
+    assert "dropped 1 degenerate box" in caplog.text and "train.json" in caplog.text
+
+
+def test_crowd_boxes_are_left_out_of_training_targets_but_kept_for_evaluation(coco_root: Path) -> None:
+    records, *_ = load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"})
+    rec = [r for r in records["train"] if r.image_id == 12]
+    assert len(DetectionDataset(rec, train=True)[0][1]["boxes"]) == 0
+    _, target = DetectionDataset(rec, train=False)[0]
+    assert target["iscrowd"].tolist() == [1]
+
+
+def test_coco_classes_subset_keeps_only_those(coco_root: Path) -> None:
+    records, cats, *_ = load(format="coco", root=str(coco_root), classes=["dog"],
+                             train={"annotations": "train.json", "images": "imgs"})
+    assert cats.names == ["dog"] and cats.ids == [7]
+    assert all(set(r.labels.tolist()) <= {1} for r in records["train"])
+
+
+def test_coco_file_name_escaping_the_image_root_is_refused(coco_root: Path) -> None:
+    doc = json.loads((coco_root / "train.json").read_text())
+    doc["images"][0]["file_name"] = "../../etc/passwd"
+    (coco_root / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(UnsafePathError, match=r"bad\.json: image id 10 file_name '../../etc/passwd'.*outside"):
+        load(format="coco", root=str(coco_root), train={"annotations": "bad.json", "images": "imgs"})
+
+
+def test_coco_malformed_json_names_file_and_line(coco_root: Path) -> None:
+    (coco_root / "broken.json").write_text('{"images": [\n  {"id": 1,\n')
+    with pytest.raises(DataError, match=r"broken\.json:\d+: malformed JSON"):
+        load(format="coco", root=str(coco_root), train="broken.json")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["annotations"][0].update(category_id=99), r"annotation id 1: unknown category_id 99"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotation id 1: bbox must be"),
+    (lambda d: d["annotations"][0].update(bbox=[1, "x", 3, 4]), r"annotation id 1 bbox: expected a number"),
+    (lambda d: d["annotations"][0].update(image_id=999), r"annotation id 1 refers to an image_id"),
+    (lambda d: d.pop("categories"), r"no 'categories'"),
+    (lambda d: d["images"][0].pop("file_name"), r"images\[0\] needs 'id' and 'file_name'"),
+])
+def test_coco_bad_annotations_are_clear_errors_naming_the_file(coco_root: Path, mutate, message: str) -> None:
+    doc = json.loads((coco_root / "train.json").read_text())
+    mutate(doc)
+    (coco_root / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=message) as e:
+        load(format="coco", root=str(coco_root), train={"annotations": "bad.json", "images": "imgs"})
+    assert "bad.json" in str(e.value)
+
+
+def test_missing_images_all_is_an_error_some_is_skipped(coco_root: Path) -> None:
+    with pytest.raises(DataError, match=r"none of its 3 image\(s\) exist.*check load.train.images"):
+        load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "nowhere"})
+    (coco_root / "imgs" / "b.png").unlink()
+    (coco_root / "imgs" / "sub" / "c.png").write_bytes(b"not a png")
+    records, _, bad, *_ = load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"})
+    assert [r.image_id for r in records["train"]] == [10]
+    reasons = {Path(b.path).name: b.reason for b in bad}
+    assert "file not found" in reasons["b.png"] and "c.png" in reasons
+
+
+def test_split_path_escaping_the_root_is_refused(coco_root: Path) -> None:
+    with pytest.raises(UnsafePathError, match="load.train.annotations"):
+        load(format="coco", root=str(coco_root), train="../outside.json")
+
+
+# ----------------------------------------------------------------------------- VOC
+
+
+def voc_xml(filename: str, objects: list[tuple[str, tuple[int, int, int, int], int]], size=(50, 40)) -> str:
+    objs = "".join(f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                   f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b, d in objects)
+    return (f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
+            f"<depth>3</depth></size>{objs}</annotation>")
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> Path:
+    root = tmp_path / "voc"
+    for name in ("001", "002", "003"):
+        write_png(root / "JPEGImages" / f"{name}.png")
+    ann = root / "Annotations"
+    ann.mkdir(parents=True)
+    (ann / "001.xml").write_text(voc_xml("001.png", [("dog", (1, 1, 10, 20), 0), ("cat", (20, 5, 60, 30), 1)]))
+    (ann / "002.xml").write_text(voc_xml("002.png", [("cat", (5, 5, 25, 25), 0)]))
+    (ann / "003.xml").write_text(voc_xml("003.png", []))
+    sets = root / "ImageSets" / "Main"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("001\n002\n")
+    (sets / "val.txt").write_text("003\n")
+    return root
+
+
+def test_voc_folder_and_imagesets_lists(voc_root: Path) -> None:
+    records, cats, *_ = load(format="voc", root=str(voc_root), train="ImageSets/Main/train.txt",
+                             val="ImageSets/Main/val.txt")
+    assert cats.names == ["cat", "dog"] and cats.ids == [1, 2]
+    first = records["train"][0]
+    assert first.labels.tolist() == [2, 1]
+    np.testing.assert_allclose(first.boxes[0], [0, 0, 10, 20])  # 1-based inclusive → 0-based xyxy
+    np.testing.assert_allclose(first.boxes[1], [19, 4, 50, 30])  # clipped to width 50
+    assert first.crowd.tolist() == [False, True]  # difficult → ignored in evaluation
+    assert len(records["val"]) == 1 and len(records["val"][0].labels) == 0
+    records, *_ = load(format="voc", root=str(voc_root), train={"annotations": "Annotations"})
+    assert len(records["train"]) == 3
+
+
+def test_voc_malformed_xml_and_missing_fields(voc_root: Path) -> None:
+    (voc_root / "Annotations" / "002.xml").write_text("<annotation><filename>002.png</filename><object>")
+    with pytest.raises(DataError, match=r"002\.xml: malformed XML"):
+        load(format="voc", root=str(voc_root), train="Annotations")
+    (voc_root / "Annotations" / "002.xml").write_text(
+        "<annotation><filename>002.png</filename><object><name>cat</name><bndbox><xmin>1</xmin></bndbox>"
+        "</object></annotation>")
+    with pytest.raises(DataError, match=r"002\.xml: object 1: missing <ymin>"):
+        load(format="voc", root=str(voc_root), train="Annotations")
+
+
+def test_voc_unknown_class_with_classes_given(voc_root: Path) -> None:
+    with pytest.raises(DataError, match=r"001\.xml: class 'dog' is not in load.classes"):
+        load(format="voc", root=str(voc_root), train="Annotations", classes=["cat"])
+
+
+# ----------------------------------------------------------------------------- YOLO
+
+
+@pytest.fixture
+def yolo_root(tmp_path: Path) -> Path:
+    root = tmp_path / "yolo"
+    for name in ("a", "b", "c"):
+        write_png(root / "images" / "train" / f"{name}.png", size=(40, 80))
+    labels = root / "labels" / "train"
+    labels.mkdir(parents=True)
+    (labels / "a.txt").write_text("0 0.5 0.5 0.25 0.5\n1 0.1 0.1 0.4 0.4\n")
+    (labels / "b.txt").write_text("")  # empty: a negative
+    (root / "classes.txt").write_text("ball\nbox\n")  # c has no label file: a negative too
+    return root
+
+
+def test_yolo_normalized_boxes_to_pixels_and_negatives(yolo_root: Path) -> None:
+    records, cats, *_ = load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    assert cats.names == ["ball", "box"] and cats.ids == [1, 2]
+    by_name = {Path(r.path).name: r for r in records["train"]}
+    a = by_name["a.png"]
+    np.testing.assert_allclose(a.boxes, [[30, 10, 50, 30], [0, 0, 24, 12]])  # second one clipped at 0
+    assert a.labels.tolist() == [1, 2]
+    assert len(by_name["b.png"].labels) == 0 and len(by_name["c.png"].labels) == 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ("0 0.5 0.5 0.2", r"a\.txt:2: expected 'class cx cy w h' \(5 values\), got 4"),
+    ("7 0.5 0.5 0.2 0.2", r"a\.txt:2: class 7 out of range"),
+    ("x 0.5 0.5 0.2 0.2", r"a\.txt:2: class must be an integer"),
+    ("0 0.5 nan 0.2 0.2", r"a\.txt:2: not a finite number"),
+])
+def test_yolo_bad_lines_name_file_and_line(yolo_root: Path, line: str, message: str) -> None:
+    (yolo_root / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.25 0.5\n" + line + "\n")
+    with pytest.raises(DataError, match=message):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+
+
+def test_yolo_needs_class_names(yolo_root: Path) -> None:
+    (yolo_root / "classes.txt").unlink()
+    with pytest.raises(DataError, match="load.classes: required for yolo"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    records, cats, *_ = load(format="yolo", root=str(yolo_root), classes=["x", "y"], train={"images": "images/train"})
+    assert cats.names == ["x", "y"]
+
+
+# ----------------------------------------------------------------------------- dataset / augment
+
+
+def test_boxes_follow_a_flip_and_empty_images_batch(coco_root: Path) -> None:
+    records, *_ = load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"})
+    tf = build_train_transform(DetectionAugmentConfig(train=[{"name": "HorizontalFlip", "p": 1.0}]))
+    ds = DetectionDataset(records["train"], tf, train=True)
+    x, t = ds[0]
+    assert x.shape == (3, 40, 50) and x.dtype == torch.float32 and float(x.max()) <= 1.0
+    np.testing.assert_allclose(t["boxes"][0].numpy(), [50 - 20, 5, 50 - 5, 15])
+    images, targets = collate([ds[0], ds[1]])
+    assert len(images) == 2 and targets[1]["boxes"].shape == (0, 4) and targets[1]["labels"].dtype == torch.int64
+
+
+def test_boxes_leaving_the_image_are_dropped_by_visibility(coco_root: Path) -> None:
+    records, *_ = load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"})
+    crop = [{"name": "Crop", "x_min": 25, "y_min": 0, "x_max": 50, "y_max": 40, "p": 1.0}]
+    ds = DetectionDataset(records["train"][:1], build_train_transform(DetectionAugmentConfig(train=crop)), train=True)
+    _, t = ds[0]
+    assert t["labels"].tolist() == [2]  # the box at x 5..20 left the crop; the one at 40..50 stays

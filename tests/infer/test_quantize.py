@@ -1,0 +1,86 @@
+"""int8 quantization: the model runs, keeps its metadata, and its accuracy is compared with fp32."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from visionpipe_plugins.classification.task import ClassificationTask
+
+from tests.conftest import run_cli
+from tests.infer.conftest import write_images
+from visionpipe.errors import VisionpipeError
+from visionpipe.export.onnx import read_metadata
+from visionpipe.export.quantize import image_feeds, quantize_onnx
+from visionpipe.infer.backends import open_backend
+from visionpipe.infer.sources import iter_sources
+
+
+@pytest.fixture(scope="module")
+def static_int8(tiny_model, tmp_path_factory):
+    meta = read_metadata(tiny_model.onnx)
+    pred = ClassificationTask.predictor(meta, {})
+    dst = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
+    calib = list(iter_sources(str(tiny_model.data / "train")))
+    report = quantize_onnx(tiny_model.onnx, dst, "static", image_feeds(calib, pred.preprocess), batch_size=4)
+    return dst, report
+
+
+def test_static_int8_runs_keeps_metadata_and_agrees(tiny_model, static_int8):
+    dst, report = static_int8
+    assert report["mode"] == "static" and report["calibration_images"] == 12 and report["bytes"] < report["float_bytes"] / 2
+    fp32_meta, q_meta = read_metadata(tiny_model.onnx), read_metadata(dst)
+    assert q_meta["quantization"]["type"] == "int8" and q_meta["quantization"]["mode"] == "static"
+    assert {k: v for k, v in q_meta.items() if k != "quantization"} == fp32_meta
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    be32, meta = open_backend(str(tiny_model.onnx), "cpu")
+    be8, _ = open_backend(str(dst), "cpu")
+    pred = ClassificationTask.predictor(meta, {})
+    from visionpipe.images import read_image
+
+    x = np.stack([pred.preprocess(read_image(p))[0]["images"] for p in iter_sources(str(tiny_model.data / "val"))])
+    a, b = be32.run({"images": x}), be8.run({"images": x})
+    assert b[1].shape == a[1].shape and np.allclose(b[1].sum(1), 1, atol=1e-4), "softmax kept in float"
+    assert (a[0].argmax(1) == b[0].argmax(1)).mean() >= 0.75
+
+
+def test_dynamic_int8_keeps_metadata(tiny_model, tmp_path):
+    report = quantize_onnx(tiny_model.onnx, tmp_path / "dyn.onnx", "dynamic")
+    assert report["mode"] == "dynamic" and report["calibration_images"] == 0
+    assert read_metadata(tmp_path / "dyn.onnx")["class_names"] == ["blue", "red"]
+    out = open_backend(str(tmp_path / "dyn.onnx"), "cpu")[0].run({"images": np.zeros((2, 3, 32, 32), np.float32)})
+    assert out[1].shape == (2, 2)
+
+
+def test_static_without_calibration_images_is_an_error(tiny_model, tmp_path):
+    with pytest.raises(VisionpipeError, match="calibration"):
+        quantize_onnx(tiny_model.onnx, tmp_path / "q.onnx", "static", iter([]))
+    with pytest.raises(VisionpipeError, match="static or dynamic"):
+        quantize_onnx(tiny_model.onnx, tmp_path / "q.onnx", "float16")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_predict_with_the_int8_model(static_int8, tmp_path):
+    from visionpipe.infer.runner import predict_images
+
+    write_images(tmp_path / "in", 5)
+    backend, meta = open_backend(str(static_int8[0]), "cpu")
+    summary = predict_images(backend, ClassificationTask.predictor(meta, {}), str(tmp_path / "in"), tmp_path / "out", {})
+    assert summary["images"] == 5 and summary["errors"] == 0
+
+
+@pytest.mark.slow
+def test_cli_export_quantize_reports_accuracy_against_fp32(tiny_model, tmp_path):
+    proc = run_cli("export", str(tiny_model.run), "--out", str(tmp_path / "m.onnx"), "--quantize", "int8",
+                   "--calibration-images", "8", cwd=tiny_model.pipeline.parent)
+    assert "validation top-1 fp32" in proc.stdout and "int8" in proc.stdout
+    report = json.loads((tmp_path / "m.int8.json").read_text())
+    acc = report["accuracy"]
+    assert report["calibration_images"] == 8 and acc["images"] == 6
+    assert 0 <= acc["top1_int8"] <= 1 and acc["top1_drop_points"] == pytest.approx(100 * (acc["top1_fp32"] - acc["top1_int8"]))
+    assert read_metadata(tmp_path / "m.int8.onnx")["quantization"]["float_model"] == "m.onnx"
+    bad = run_cli("export", str(tiny_model.run), "--quantize", "int4", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "only 'int8'" in bad.stderr
