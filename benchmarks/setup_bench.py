@@ -148,10 +148,9 @@ def train_paths(run_dir: Path) -> list[str]:
 
 def quantize(run_dir: Path, fp32: Path, int8: Path) -> dict[str, Any]:
     """Static int8 with 256 training images; accuracy vs fp32 on val + test."""
-    from visionpipe_plugins.classification.task import ClassificationTask
-
     from visionpipe.export.onnx import read_metadata
     from visionpipe.export.quantize import quantize_export
+    from visionpipe_plugins.classification.task import ClassificationTask
 
     predictor = ClassificationTask.predictor(read_metadata(fp32), {})
     paths, labels = eval_samples(run_dir)
@@ -181,9 +180,8 @@ def image_folder(bench: Bench, name: str, count: int) -> Path:
 
 def preprocessed(bench: Bench, folder: Path, limit: int | None = None) -> np.ndarray:
     """All images of ``folder`` decoded and preprocessed exactly as predict does (N, C, H, W float32)."""
-    from visionpipe_plugins.classification.task import ClassificationTask
-
     from visionpipe.images import iter_image_files, read_image
+    from visionpipe_plugins.classification.task import ClassificationTask
 
     pred = ClassificationTask.predictor(bench.metadata, {})
     xs = []

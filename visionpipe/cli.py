@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ err = Console(stderr=True)
 out = Console()
 _state = {"debug": False}
 
-SetOpt = Annotated[Optional[list[str]], typer.Option(
+SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config value: dotted.key=value (repeatable), e.g. --set train.epochs=3")]
 
 
@@ -41,22 +41,26 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
-          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
-    _state["debug"] = debug
-    _setup_logging(debug)
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         out.print(f"visionpipe {__version__}")
         raise typer.Exit()
 
 
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
+          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                callback=_print_version)] = False) -> None:
+    _state["debug"] = debug
+    _setup_logging(debug)
+
+
 @app.command()
 def run(
-    pipeline: Annotated[Optional[Path], typer.Argument(help="Pipeline YAML file.", show_default=False)] = None,
+    pipeline: Annotated[Path | None, typer.Argument(help="Pipeline YAML file.", show_default=False)] = None,
     set_: SetOpt = None,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Write the run here instead of <output>/<name>.")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its last checkpoint.")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Write the run here instead of <output>/<name>.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its last checkpoint.")] = None,
 ) -> None:
     """Run a pipeline: load → augment → model → train → evaluate → export → predict."""
     from visionpipe.pipeline import RunAlreadyFinished, run_pipeline
@@ -133,13 +137,13 @@ def export(
     source: Annotated[Path, typer.Argument(help="A run folder (uses checkpoints/best.pt) or a .pt checkpoint.")],
     format: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: <run>/model.onnx).")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output file (default: <run>/model.onnx).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Max abs difference allowed in the parity check.")] = 1e-3,
-    quantize: Annotated[Optional[str], typer.Option("--quantize", help="Also write an int8 model (<out>.int8.onnx) "
+    quantize: Annotated[str | None, typer.Option("--quantize", help="Also write an int8 model (<out>.int8.onnx) "
                                                     "and compare its accuracy with fp32 on the validation set.")] = None,
     calibration: Annotated[str, typer.Option("--calibration", help="int8: 'static' (activation ranges calibrated on "
                                              "training images; for CNNs) or 'dynamic' (no data; MatMul/Gemm models).")] = "static",
-    calibration_data: Annotated[Optional[str], typer.Option("--calibration-data", help="int8 static: images to calibrate "
+    calibration_data: Annotated[str | None, typer.Option("--calibration-data", help="int8 static: images to calibrate "
                                                             "on (folder, glob or .txt list); default: the training split.")] = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=1, help="int8 static: how many images.")] = 256,
 ) -> None:
@@ -177,7 +181,7 @@ def export(
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="An exported .onnx model, a .pt checkpoint, or a run folder.")],
-    source: Annotated[Optional[str], typer.Argument(help="Image file, folder (recursive), glob or .txt list.")] = None,
+    source: Annotated[str | None, typer.Argument(help="Image file, folder (recursive), glob or .txt list.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
@@ -185,17 +189,17 @@ def predict(
                                               "with a run folder picks model.onnx or checkpoints/best.pt.")] = "auto",
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per image (classification).")] = 5,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write images with predictions drawn.")] = False,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: process every N-th input from I (default: from torchrun's RANK/WORLD_SIZE).")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoder threads/processes (default: cores; 0 = decode in the main thread).")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="I/N: process every N-th input from I (default: from torchrun's RANK/WORLD_SIZE).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoder threads/processes (default: cores; 0 = decode in the main thread).")] = None,
     decode: Annotated[str, typer.Option("--decode", help="Decode in 'threads' or 'processes'.")] = "threads",
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Model threads (onnxruntime intra-op / torch); default: cores.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Model threads (onnxruntime intra-op / torch); default: cores.")] = None,
     graph_opt: Annotated[str, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all.")] = "all",
     spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let onnxruntime threads busy-wait (faster only when nothing else needs the cores).")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="torch backend: autocast (fp16 on CUDA, bf16 on CPU).")] = False,
-    num: Annotated[Optional[int], typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,
+    num: Annotated[int | None, typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generative tasks: random seed.")] = 0,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text generation: the prompt.")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Task option key=value (repeatable).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Text generation: the prompt.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Task option key=value (repeatable).")] = None,
 ) -> None:
     """Run a model over files in streaming batches; writes predictions.jsonl, errors.jsonl and summary.json.
 
@@ -226,7 +230,7 @@ def predict(
 @app.command()
 def merge(
     folder: Annotated[Path, typer.Argument(help="Folder with predictions.shard*.jsonl from `predict --shard`.")],
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where to write the merged files.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the merged files.")] = None,
     partial: Annotated[bool, typer.Option("--partial", help="Merge even when some shards have no output yet.")] = False,
 ) -> None:
     """Merge the outputs of sharded predict runs into one predictions.jsonl / errors.jsonl, in input order."""
@@ -250,7 +254,7 @@ def main() -> None:
     debug = "--debug" in sys.argv
     try:
         app(standalone_mode=False)
-    except SystemExit as e:
+    except SystemExit:
         raise
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -271,9 +275,7 @@ def main() -> None:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's usage errors (typer vendors click)
             e.show()
             sys.exit(e.exit_code)
         if debug:

@@ -74,18 +74,39 @@ class TrainConfig(Block):
     grad_clip: float | None = Field(None, gt=0, description="clip gradient norm to this value")
     grad_accum: int = Field(1, gt=0, description="accumulate gradients over this many batches")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
-        "auto", description="mixed precision: auto = bf16 on CUDA when supported, off on CPU")
-    channels_last: bool = Field(False, description="use channels_last memory format (CUDA)")
-    compile: bool = Field(False, description="torch.compile the model")
+        "auto", description="mixed precision: auto = bf16 on CUDA when supported (else fp16 with a gradient "
+        "scaler), off on CPU; bf16 also runs on CPU; fp16 needs CUDA (off on CPU, with a warning)")
+    channels_last: bool = Field(False, description="channels_last memory format for the model and 4-D input batches")
+    compile: bool = Field(False, description="torch.compile the model (after DDP wrapping)")
+    cudnn_benchmark: bool | None = Field(
+        None, description="let cuDNN pick the fastest convolution algorithms for the input sizes it sees; "
+        "default: on with CUDA unless deterministic: true")
     ema: float | None = Field(None, gt=0, lt=1, description="keep an EMA of weights with this decay; evaluated and exported")
     monitor: str | None = Field(None, description="metric that picks best.pt, e.g. 'val/top1'; default: the task's")
     monitor_mode: Literal["max", "min"] | None = Field(None, description="whether higher or lower is better")
     early_stopping: EarlyStoppingConfig | None = None
     eval_every: int = Field(1, gt=0, description="evaluate every N epochs")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    pin_memory: bool | None = Field(None, description="pinned host memory; default: on with CUDA")
+    pin_memory: bool | None = Field(
+        None, description="page-locked host memory for batches, copied to the GPU without blocking; default: on with CUDA")
+    persistent_workers: bool = Field(
+        False, description="keep DataLoader workers alive from one epoch to the next (needs num_workers > 0)")
+    prefetch_factor: int | None = Field(
+        None, gt=0, description="batches each worker prepares ahead (needs num_workers > 0); default 4")
+    decode: Literal["workers", "device"] = Field(
+        "workers", description="where training images are decoded and augmented: 'workers' (the task's CPU "
+        "transforms in DataLoader workers) or 'device' (workers only read JPEG bytes; decoding and "
+        "resize/crop/flip/normalize run on the training device: nvJPEG on CUDA, torchvision on CPU); "
+        "for image-label datasets, see docs/distributed.md")
     log_every: int = Field(10, gt=0, description="steps between TensorBoard scalars")
     tensorboard: bool = Field(True, description="write TensorBoard event files to <run>/tb")
+
+    @model_validator(mode="after")
+    def _workers_options(self) -> TrainConfig:
+        for name in ("persistent_workers", "prefetch_factor"):
+            if getattr(self, name) and self.num_workers == 0:
+                raise ValueError(f"{name} needs num_workers > 0 (DataLoader worker processes); got num_workers: 0")
+        return self
 
 
 class ExportConfig(Block):
@@ -102,12 +123,18 @@ class ExportConfig(Block):
 class PredictConfig(Block):
     """Batch inference over files (a folder, a file or a glob) with the exported model."""
 
-    source: str | None = Field(None, description="file, folder (recursive) or glob; default: the test/val split")
+    source: str | None = Field(None, description="file, folder (recursive) or glob to predict on")
     batch_size: int = Field(16, gt=0)
     device: Literal["cpu", "cuda", "auto"] = "auto"
     top_k: int = Field(5, gt=0)
     save_images: bool = Field(False, description="draw predictions on copies of the images")
     out: str = Field("predictions", description="folder inside the run folder")
+    workers: int | None = Field(None, ge=0, description="decoder threads/processes; default: cores, 0 = main thread")
+    decode: Literal["threads", "processes"] = Field("threads", description="how inputs are decoded in parallel")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="task-specific predict options, as `visionpipe predict -o key=value` takes them "
+                    "(e.g. detection score_threshold, dcgan num/seed, charrnn prompt/length/temperature)")
 
 
 class EvaluateConfig(Block):
@@ -138,6 +165,13 @@ class PipelineConfig(Block):
     evaluate: EvaluateConfig | None = None
     export: ExportConfig | None = None
     predict: PredictConfig | None = None
+
+    @model_validator(mode="after")
+    def _deterministic_consistent(self) -> PipelineConfig:
+        if self.deterministic and self.train is not None and self.train.cudnn_benchmark:
+            raise ValueError("train.cudnn_benchmark: true contradicts deterministic: true (the autotuner "
+                             "may pick non-deterministic algorithms); drop one of them")
+        return self
 
     @model_validator(mode="after")
     def _stages_known(self) -> PipelineConfig:
@@ -211,21 +245,29 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _list_index(items: list, key: str, path: list[str], item: str) -> int:
+    """``key`` as an index into ``items``; a ConfigError naming the override otherwise."""
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"'{key}' is not an index of this list (it has {len(items)} items)"
+                          f" in --set {item}", file="--set", field=".".join(path))
+    return int(key)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
     """Set each ``dotted.key=value`` into ``data`` in place; return the overridden paths."""
     touched = set()
     for item in overrides:
         keys, value = parse_override(item)
         cur = data
-        for k in keys[:-1]:
-            if isinstance(cur, list) and k.isdigit():
-                cur = cur[int(k)]
+        for depth, k in enumerate(keys[:-1]):
+            if isinstance(cur, list):
+                cur = cur[_list_index(cur, k, keys[:depth + 1], item)]
                 continue
-            if not isinstance(cur.get(k), dict):
+            if not isinstance(cur.get(k), (dict, list)):
                 cur[k] = {}
             cur = cur[k]
-        if isinstance(cur, list) and keys[-1].isdigit():
-            cur[int(keys[-1])] = value
+        if isinstance(cur, list):
+            cur[_list_index(cur, keys[-1], keys, item)] = value
         else:
             cur[keys[-1]] = value
         touched.add(tuple(keys))
@@ -292,7 +334,6 @@ def validation_to_config_error(exc: ValidationError, source: ConfigSource, model
     err = exc.errors()[0]
     # drop pydantic's union/tag parts (e.g. 'function-after[...]') from the location
     loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function"))))
-    fieldname = ".".join(str(p) for p in loc) or None
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, loc[len(prefix):])
         hint = did_you_mean(str(loc[-1]), allowed)
@@ -328,7 +369,10 @@ class ConfigSource:
     def error(self, message: str, loc: tuple = ()) -> ConfigError:
         """A ConfigError located at ``loc`` (a dotted path)."""
         fieldname = ".".join(str(p) for p in loc) or None
-        if tuple(loc) in self.overridden or any(tuple(loc[:i]) in self.overridden for i in range(1, len(loc))):
+        loc = tuple(loc)
+        set_here = loc in self.overridden or any(loc[:i] in self.overridden for i in range(1, len(loc)))
+        set_below = loc not in self.lines and any(o[:len(loc)] == loc for o in self.overridden)
+        if set_here or set_below:
             return ConfigError(message, file="--set", field=fieldname)
         return ConfigError(message, file=self.file, line=self.line_of(loc), field=fieldname)
 

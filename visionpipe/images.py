@@ -98,7 +98,7 @@ def check_images(paths: Iterable[str], workers: int | None = None) -> tuple[list
     good: list[str] = []
     bad: list[BadImage] = []
     with ThreadPoolExecutor(workers) as pool:
-        for p, res in zip(paths, pool.map(probe, paths)):
+        for p, res in zip(paths, pool.map(probe, paths), strict=False):
             (bad.append(res) if res else good.append(p))
     return good, bad
 

@@ -137,7 +137,7 @@ class PluginManager:
 
     def owner_of(self, task: str) -> str | None:
         """Name of the plugin that registered ``task``."""
-        self.tasks
+        _ = self.tasks  # loads plugins on first use
         return self._task_owner.get(task)
 
 

@@ -6,19 +6,20 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from pydantic import BaseModel
 
 from visionpipe import __version__
-from visionpipe.config import LoadedConfig, PipelineConfig, TrainConfig, dump_yaml, load_config
+from visionpipe.config import LoadedConfig, PipelineConfig, dump_yaml, load_config
 from visionpipe.engine import distributed as dist
 from visionpipe.engine.checkpoint import load_checkpoint, seed_everything
 from visionpipe.errors import VisionpipeError
@@ -86,6 +87,17 @@ class RunContext:
         if self.resume_state is not None:
             return self.resume_state.get("info", {})
         return {}
+
+    def block(self, name: str) -> BaseModel:
+        """The config block ``name``, or its defaults (of the task's own schema) when the file left it out."""
+        value = getattr(self.cfg, name)
+        if value is not None:
+            return value
+        annotation = type(self.cfg).model_fields[name].annotation
+        for cls in (annotation, *get_args(annotation)):
+            if isinstance(cls, type) and issubclass(cls, BaseModel):
+                return cls()
+        raise VisionpipeError(f"the '{name}' stage needs a '{name}:' block in the pipeline")
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder (parent folders created)."""
@@ -166,12 +178,9 @@ def versions(manager: PluginManager) -> dict[str, Any]:
 
 def stage_load(ctx: RunContext) -> dict[str, Any]:
     """Load the datasets and report unreadable inputs."""
-    if not dist.is_main():
-        dist.barrier()  # rank 0 first: it may generate the built-in data
-    ctx.data = ctx.task.build_data()
-    if dist.is_main():
-        dist.barrier()
-    if ctx.data.skipped:
+    with dist.main_first():  # rank 0 first: it may generate the built-in data
+        ctx.data = ctx.task.build_data()
+    if ctx.data.skipped and dist.is_main():
         with open(ctx.path("data_errors.jsonl"), "w", encoding="utf-8") as f:
             for b in ctx.data.skipped:
                 append_jsonl(f, {"path": b.path, "error": b.reason})
@@ -203,7 +212,7 @@ def stage_train(ctx: RunContext) -> dict[str, Any]:
 
     if ctx.model is None or ctx.data is None or ctx.data.train is None:
         raise VisionpipeError("stage 'train' needs 'load' (with a train split) and 'model' before it")
-    cfg = ctx.cfg.train
+    cfg = ctx.block("train")
     trainer = Trainer(ctx.task, ctx.model, ctx, cfg)
     ctx.trainer = trainer
     if ctx.resume_state is not None:
@@ -231,13 +240,13 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
 
     if not dist.is_main():
         return {}
-    cfg = ctx.cfg.evaluate
-    split = cfg.split if cfg else "val"
+    cfg = ctx.block("evaluate")
+    split = cfg.split
     ds = getattr(ctx.data, split, None) if ctx.data else None
     if ds is None or ctx.model is None:
         raise VisionpipeError(f"stage 'evaluate' needs a model and a '{split}' split (stages 'load' and 'model')")
-    train_cfg = ctx.cfg.train or TrainConfig()
-    bs = (cfg.batch_size if cfg and cfg.batch_size else None) or train_cfg.batch_size
+    train_cfg = ctx.block("train")
+    bs = cfg.batch_size or train_cfg.batch_size
     loader = make_loader(ds, bs, train=False, seed=0, epoch=0, cfg=train_cfg, collate_fn=ctx.data.collate_fn,
                          device=ctx.device)
     ctx.model.eval()
@@ -265,7 +274,7 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         return {}
     if ctx.model is None:
         raise VisionpipeError("stage 'export' needs the 'model' stage before it")
-    cfg = ctx.cfg.export
+    cfg = ctx.block("export")
     ctx.model.eval()
     spec = ctx.task.export_spec(ctx.model.cpu(), ctx.data, ctx.info, cfg.parity_samples)
     out = resolve_under(ctx.run_dir, cfg.file, what="export.file")
@@ -283,11 +292,19 @@ def stage_predict(ctx: RunContext) -> dict[str, Any]:
 
     if not dist.is_main():
         return {}
-    cfg = ctx.cfg.predict
+    cfg = ctx.block("predict")
     model_path = ctx.outputs.get("onnx") or (ctx.run_dir / "checkpoints" / "best.pt")
     backend, metadata = open_backend(str(model_path), device=cfg.device)
     out_dir = resolve_under(ctx.run_dir, cfg.out, what="predict.out")
-    opts = {"batch_size": cfg.batch_size, "top_k": cfg.top_k, "save_images": cfg.save_images}
+    # predict resumes by skipping inputs already written; that is only right for the same model
+    fingerprint, marker = sha256_file(Path(model_path)), out_dir / "model.sha256"
+    if out_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+        log.info("%s holds predictions of an earlier model; predicting again", out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(marker, fingerprint + "\n")
+    opts = {**cfg.options, "batch_size": cfg.batch_size, "top_k": cfg.top_k, "save_images": cfg.save_images,
+            "workers": cfg.workers, "decode": cfg.decode}
     task_cls = ctx.manager.task(metadata["task"])
     summary = task_cls.predict(backend, metadata, cfg.source, out_dir, opts)
     ctx.outputs["predictions"] = str(out_dir)

@@ -35,9 +35,9 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
-    for ax, (name, ks) in zip(axes.flat, groups.items()):
+    for ax, (name, ks) in zip(axes.flat, groups.items(), strict=False):
         for k in ks:
-            xs = [e for e, h in zip(epochs, history) if k in h]
+            xs = [e for e, h in zip(epochs, history, strict=False) if k in h]
             ys = [h[k] for h in history if k in h]
             ax.plot(xs, ys, marker="o", ms=3, label=k)
         ax.set_title(name)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from visionpipe.config import PipelineConfig
 
 if TYPE_CHECKING:
+    from visionpipe.engine.device_data import DeviceImages
     from visionpipe.images import BadImage
     from visionpipe.infer.backends import Backend
     from visionpipe.pipeline import RunContext
@@ -52,6 +53,8 @@ class ExportSpec:
     """Real inputs (from the data) on which torch and onnxruntime must agree."""
     compare: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None
     """Max abs difference between torch and ORT outputs; default compares arrays one to one."""
+    postprocess_onnx: Callable[[Any], Any] | None = None
+    """Rewrites the traced ``onnx.ModelProto`` before it is checked (e.g. wraps it in a loop over the batch)."""
 
 
 class OptimizationContext:
@@ -63,9 +66,15 @@ class OptimizationContext:
         self.scaler = scaler
         self.autocast = autocast
         self.grad_clip = grad_clip
+        self._stepped: set[str] = set()
 
     def step(self, name: str, loss: torch.Tensor, params: Sequence[torch.Tensor] | None = None) -> None:
-        """zero_grad, backward (scaled), clip and step optimizer ``name`` for ``loss``."""
+        """zero_grad, backward (scaled), clip and step optimizer ``name`` for ``loss``.
+
+        The fp16 loss scale is updated once per training step (by :meth:`finish`), not once per
+        optimizer; only an optimizer stepped twice in one training step forces an update between."""
+        if name in self._stepped:
+            self.finish()
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -74,7 +83,13 @@ class OptimizationContext:
             ps = params if params is not None else [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(ps, self.grad_clip)
         self.scaler.step(opt)
-        self.scaler.update()
+        self._stepped.add(name)
+
+    def finish(self) -> None:
+        """End the training step: update the loss scale once if any optimizer stepped (the engine calls it)."""
+        if self._stepped:
+            self.scaler.update()
+            self._stepped.clear()
 
 
 class Predictor:
@@ -151,6 +166,15 @@ class Task:
     def train_step(self, model: nn.Module, batch: Any, opt: OptimizationContext) -> dict[str, float]:
         """Manual optimization: one full step over several optimizers; return logged values."""
         raise NotImplementedError
+
+    def device_images(self, ds: Dataset | None) -> DeviceImages | None:
+        """(image path, label) pairs and the augment block of ``ds`` for ``train.decode: device``; None = unsupported.
+
+        The default accepts datasets with torchvision ImageFolder's ``samples`` attribute and a
+        core :class:`~visionpipe.augment.AugmentConfig` block; override to opt in or out."""
+        from visionpipe.engine.device_data import image_label_source
+
+        return image_label_source(self, ds)
 
     def batch_size_of(self, batch: Any) -> int:
         """Number of samples in a batch (for throughput)."""

@@ -1,5 +1,6 @@
 """Character-level RNNs: classify short strings, and a language model that generates text."""
 
+from visionpipe import hookimpl
 from visionpipe_plugins.charrnn.classify import CharRnnClassifyTask
 from visionpipe_plugins.charrnn.generate import CharRnnGenerateTask
 from visionpipe_plugins.charrnn.threads import (  # noqa: F401  (run hooks of this plugin)
@@ -7,8 +8,6 @@ from visionpipe_plugins.charrnn.threads import (  # noqa: F401  (run hooks of th
     visionpipe_before_run,
     visionpipe_on_stage_error,
 )
-
-from visionpipe import hookimpl
 
 
 @hookimpl

@@ -8,17 +8,17 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from visionpipe.errors import VisionpipeError
+from visionpipe.infer.backends import Backend
+from visionpipe.plots import plot_confusion
+from visionpipe.task import DataBundle, ExportSpec
 from visionpipe_plugins.charrnn.config import CharRnnClassifyConfig
 from visionpipe_plugins.charrnn.data import collate, load_classify
 from visionpipe_plugins.charrnn.metrics import classification_metrics
 from visionpipe_plugins.charrnn.models import ClassifierExport
 from visionpipe_plugins.charrnn.predict import classify_lines
 from visionpipe_plugins.charrnn.task import CharRnnTask
-
-from visionpipe.errors import VisionpipeError
-from visionpipe.infer.backends import Backend
-from visionpipe.plots import plot_confusion
-from visionpipe.task import DataBundle, ExportSpec
 
 
 class CharRnnClassifyTask(CharRnnTask):

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from visionpipe_plugins.charrnn.config import ClassifyLoadConfig, GenerateLoadConfig
-from visionpipe_plugins.charrnn.corpus import generate_names, generate_text
-from visionpipe_plugins.charrnn.text import PAD, Vocab, read_lines, read_text
 
 from visionpipe.errors import DataError
 from visionpipe.paths import resolve_under
+from visionpipe_plugins.charrnn.config import ClassifyLoadConfig, GenerateLoadConfig
+from visionpipe_plugins.charrnn.corpus import generate_names, generate_text
+from visionpipe_plugins.charrnn.text import PAD, Vocab, read_lines, read_text
 
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -10,6 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from visionpipe.errors import VisionpipeError
+from visionpipe.infer.backends import Backend
+from visionpipe.io import write_text
+from visionpipe.task import DataBundle, ExportSpec
 from visionpipe_plugins.charrnn.config import CharRnnGenerateConfig
 from visionpipe_plugins.charrnn.data import collate, load_generate
 from visionpipe_plugins.charrnn.metrics import LanguageModelMeter
@@ -18,11 +23,6 @@ from visionpipe_plugins.charrnn.predict import generate_texts
 from visionpipe_plugins.charrnn.sampling import generate
 from visionpipe_plugins.charrnn.task import CharRnnTask
 from visionpipe_plugins.charrnn.text import Vocab
-
-from visionpipe.errors import VisionpipeError
-from visionpipe.infer.backends import Backend
-from visionpipe.io import write_text
-from visionpipe.task import DataBundle, ExportSpec
 
 log = logging.getLogger(__name__)
 

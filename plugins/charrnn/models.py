@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
 from visionpipe_plugins.charrnn.config import RnnModelConfig
 from visionpipe_plugins.charrnn.text import PAD
 

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from visionpipe_plugins.charrnn.data import clean_line
-from visionpipe_plugins.charrnn.sampling import generate
-from visionpipe_plugins.charrnn.text import PAD, Vocab, read_lines
 
 from visionpipe.errors import DataError, VisionpipeError
 from visionpipe.infer.backends import Backend
 from visionpipe.io import atomic_open, write_json, write_text
+from visionpipe_plugins.charrnn.data import clean_line
+from visionpipe_plugins.charrnn.sampling import generate
+from visionpipe_plugins.charrnn.text import PAD, Vocab, read_lines
 
 log = logging.getLogger(__name__)
 

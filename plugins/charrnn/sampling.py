@@ -6,9 +6,9 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-from visionpipe_plugins.charrnn.text import PAD, UNK, Vocab
 
 from visionpipe.errors import VisionpipeError
+from visionpipe_plugins.charrnn.text import PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]

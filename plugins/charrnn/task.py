@@ -8,13 +8,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from visionpipe_plugins.charrnn.config import RnnModelConfig
-from visionpipe_plugins.charrnn.models import CELLS, CharRNN, build_model
-from visionpipe_plugins.charrnn.text import PAD, UNK
 
 from visionpipe.engine.checkpoint import load_weights_file
 from visionpipe.errors import VisionpipeError
 from visionpipe.task import Task
+from visionpipe_plugins.charrnn.config import RnnModelConfig
+from visionpipe_plugins.charrnn.models import CELLS, CharRNN, build_model
+from visionpipe_plugins.charrnn.text import PAD, UNK
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,15 @@ from visionpipe.augment import SeededAugmentation
 from visionpipe.errors import DataError, VisionpipeError
 from visionpipe.images import BadImage, check_images, is_image_file, read_image
 from visionpipe.paths import resolve_under
-from visionpipe.synthetic import SHAPES, build_atomically, paint, random_color, shape_mask, textured_background, write_png
+from visionpipe.synthetic import (
+    SHAPES,
+    build_atomically,
+    paint,
+    random_color,
+    shape_mask,
+    textured_background,
+    write_png,
+)
 
 log = logging.getLogger(__name__)
 Sample = tuple[str, int]

@@ -1,8 +1,7 @@
 """Image generation with a DCGAN: generator + discriminator trained by the shared engine."""
 
-from visionpipe_plugins.dcgan.task import DcganTask
-
 from visionpipe import hookimpl
+from visionpipe_plugins.dcgan.task import DcganTask
 
 
 @hookimpl

@@ -10,6 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from visionpipe.engine import distributed as dist
+from visionpipe.engine.checkpoint import load_weights_file
+from visionpipe.engine.optim import build_optimizer
+from visionpipe.errors import ConfigError, VisionpipeError
+from visionpipe.io import write_json
+from visionpipe.task import DataBundle, ExportSpec, OptimizationContext, Task
 from visionpipe_plugins.dcgan.config import (
     DcganAugmentConfig,
     DcganConfig,
@@ -22,13 +29,6 @@ from visionpipe_plugins.dcgan.features import build_extractor, check_extractor_s
 from visionpipe_plugins.dcgan.fid import feature_stats, frechet_distance
 from visionpipe_plugins.dcgan.models import DCGAN, GeneratorExport
 from visionpipe_plugins.dcgan.samples import make_grid, noise, to_uint8, write_png
-
-from visionpipe.engine import distributed as dist
-from visionpipe.engine.checkpoint import load_weights_file
-from visionpipe.engine.optim import build_optimizer
-from visionpipe.errors import ConfigError, VisionpipeError
-from visionpipe.io import write_json
-from visionpipe.task import DataBundle, ExportSpec, OptimizationContext, Task
 
 log = logging.getLogger(__name__)
 

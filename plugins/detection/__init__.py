@@ -1,8 +1,7 @@
 """Object detection with torchvision's Faster R-CNN family (COCO, VOC and YOLO data; COCO metrics)."""
 
-from visionpipe_plugins.detection.task import DetectionTask
-
 from visionpipe import hookimpl
+from visionpipe_plugins.detection.task import DetectionTask
 
 
 @hookimpl

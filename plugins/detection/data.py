@@ -12,6 +12,11 @@ import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from visionpipe.augment import SeededAugmentation, build_transform
+from visionpipe.errors import DataError
+from visionpipe.images import BadImage, check_images, read_image
+from visionpipe.paths import resolve_under
 from visionpipe_plugins.detection.config import DetectionAugmentConfig, LoadConfig
 from visionpipe_plugins.detection.formats import (
     RawSplit,
@@ -22,11 +27,6 @@ from visionpipe_plugins.detection.formats import (
     yolo_class_names,
 )
 from visionpipe_plugins.detection.generate import generate_shapes
-
-from visionpipe.augment import SeededAugmentation, build_transform
-from visionpipe.errors import DataError
-from visionpipe.images import BadImage, check_images, read_image
-from visionpipe.paths import resolve_under
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

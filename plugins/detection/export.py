@@ -1,19 +1,26 @@
-"""The exported detector (one image in, boxes/labels/scores out) and its parity comparison."""
+"""The exported detector (a batch of images in, padded boxes/labels/scores and counts out) and its parity check."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+OUTPUTS = ["boxes", "labels", "scores", "num_detections"]
+BODY_PREFIX = "one_image/"
+
 
 class ExportedDetector(nn.Module):
-    """(1, 3, H, W) float 0..1 RGB → boxes (1, N, 4) xyxy input pixels, labels (1, N) int64, scores (1, N).
+    """(N, 3, H, W) float 0..1 RGB → boxes (N, K, 4) xyxy input pixels, labels (N, K) int64, scores (N, K),
+    num_detections (N,) int64; K = the model's ``detections_per_img``, rows past ``num_detections`` are zeros.
 
-    Resize and normalization happen inside (torchvision's transform), so any H, W works. The
-    batch axis is fixed to 1: torchvision detectors take a list of images, which tracing unrolls.
+    Resize and normalization happen inside (torchvision's transform), each image on its own, so any N, H, W
+    works and an image's detections do not depend on the rest of its batch. torchvision loops over the images
+    in Python, which tracing would unroll: so the module is traced on one image and :func:`loop_over_batch`
+    wraps that graph in an ONNX ``Loop`` over the batch (eager runs the same loop in Python).
     One tiny extra proposal is appended before the box head: with zero RPN proposals the traced
     graph would reshape an empty tensor with -1, which onnxruntime refuses; the extra one decodes to
     a box smaller than the head's minimum size and is always dropped, so detections are unchanged.
@@ -22,8 +29,22 @@ class ExportedDetector(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.max_detections = int(model.roi_heads.detections_per_img)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_tracing():
+            if images.shape[0] != 1:
+                raise ValueError(f"trace the detector on one image (got a batch of {images.shape[0]})")
+            return self.one(images)
+        if images.shape[0] == 0:
+            k = self.max_detections
+            return (images.new_zeros(0, k, 4), torch.zeros(0, k, dtype=torch.int64, device=images.device),
+                    images.new_zeros(0, k), torch.zeros(0, dtype=torch.int64, device=images.device))
+        outs = [self.one(images[i:i + 1]) for i in range(images.shape[0])]
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+    def one(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One image (1, 3, H, W) → (1, K, 4), (1, K), (1, K), (1,): detections padded to K."""
         m = self.model
         original = [(images.shape[-2], images.shape[-1])]
         batch, _ = m.transform([images[0]])
@@ -35,7 +56,117 @@ class ExportedDetector(nn.Module):
         proposals = [torch.cat([proposals[0], guard])]
         detections, _ = m.roi_heads(features, proposals, batch.image_sizes)
         out = m.transform.postprocess(detections, batch.image_sizes, original)[0]
-        return out["boxes"][None], out["labels"][None], out["scores"][None]
+        boxes, labels, scores = out["boxes"], out["labels"], out["scores"]
+        k = self.max_detections  # torchvision keeps at most this many, so padding to k never cuts
+        count = torch.ones_like(labels).sum()
+        boxes = torch.cat([boxes, boxes.new_zeros(k, 4)])[:k]
+        labels = torch.cat([labels, labels.new_zeros(k)])[:k]
+        scores = torch.cat([scores, scores.new_zeros(k)])[:k]
+        return boxes[None], labels[None], scores[None], count[None]
+
+    def batched_onnx(self, model: Any) -> Any:
+        """The graph traced on one image, wrapped in a ``Loop`` over the batch (``ExportSpec.postprocess_onnx``)."""
+        k = self.max_detections
+        return loop_over_batch(model, row_shapes={"boxes": [k, 4], "labels": [k], "scores": [k], "num_detections": []})
+
+
+def loop_over_batch(model: Any, input_name: str = "images", row_shapes: dict[str, list[Any]] | None = None) -> Any:
+    """Wrap a model traced on a batch of one into an ONNX ``Loop`` over the batch axis of ``input_name``.
+
+    The traced graph becomes the loop body: it reads sample i as a (1, ...) slice of the outer input, its
+    outputs lose their leading 1 and are stacked over the batch. Weights stay in the outer graph (the body
+    reads them from there); every other name in the body gets the prefix ``one_image/``. ``row_shapes``
+    gives an output's shape without the batch axis where the traced one is less precise.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < 11:
+        raise ValueError(f"loop_over_batch needs ONNX opset >= 11 (got {opset})")
+    weights = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if [i.name for i in inputs] != [input_name]:
+        raise ValueError(f"expected the single input '{input_name}', got {[i.name for i in inputs]}")
+
+    def name(n: str) -> str:
+        return n if not n or n in weights else BODY_PREFIX + n
+
+    def rename(g: Any) -> None:
+        for v in (*g.input, *g.output, *g.value_info):
+            v.name = name(v.name)
+        for node in g.node:
+            node.input[:] = [name(n) for n in node.input]
+            node.output[:] = [name(n) for n in node.output]
+            node.name = BODY_PREFIX + node.name if node.name else ""
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    rename(sub)
+
+    def on_axis0(op: str, x: str, out: str) -> Any:  # Squeeze / Unsqueeze: axes became an input in opset 13
+        if opset >= 13:
+            return helper.make_node(op, [x, "loop/axis0"], [out])
+        return helper.make_node(op, [x], [out], axes=[0])
+
+    def const(out: str, value: int) -> Any:
+        return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, TensorProto.INT64, [1], [value]))
+
+    traced_outputs = list(graph.output)
+    body = onnx.GraphProto()
+    body.CopyFrom(graph)
+    del body.initializer[:], body.sparse_initializer[:], body.input[:], body.output[:], body.node[:]
+    body.name = "body"
+    body.node.extend([const("loop/axis0", 0), const("loop/one", 1), on_axis0("Unsqueeze", "loop/i", "loop/start"),
+                      helper.make_node("Add", ["loop/start", "loop/one"], ["loop/end"]),
+                      helper.make_node("Slice", ["loop/outer", "loop/start", "loop/end", "loop/axis0"], [input_name]),
+                      *graph.node,
+                      helper.make_node("Identity", ["loop/cond_in"], ["loop/cond_out"]),
+                      *(on_axis0("Squeeze", o.name, o.name + "/row") for o in traced_outputs)])
+    row_outputs, outer_outputs = [], []
+    for o in traced_outputs:
+        elem, row = o.type.tensor_type.elem_type, (row_shapes or {}).get(o.name, _dims(o)[1:])
+        row_outputs.append(helper.make_tensor_value_info(o.name + "/row", elem, row))
+        outer_outputs.append(helper.make_tensor_value_info(o.name, elem, ["batch", *row]))
+    body.input.extend([helper.make_tensor_value_info("loop/i", TensorProto.INT64, []),
+                       helper.make_tensor_value_info("loop/cond_in", TensorProto.BOOL, [])])
+    body.output.extend([helper.make_tensor_value_info("loop/cond_out", TensorProto.BOOL, []), *row_outputs])
+    rename(body)
+    body.node[4].input[0] = input_name  # the one name the body reads from the outer graph, besides the weights
+
+    outer_input = onnx.ValueInfoProto()
+    outer_input.CopyFrom(inputs[0])
+    shape = outer_input.type.tensor_type.shape
+    if shape.dim:
+        shape.dim[0].Clear()
+        shape.dim[0].dim_param = "batch"
+    q = "loop_over_batch/"
+    count = [helper.make_node("Shape", [input_name], [q + "shape"]),
+             helper.make_node("Constant", [], [q + "axis"], value=helper.make_tensor("axis", TensorProto.INT64, [], [0])),
+             helper.make_node("Gather", [q + "shape", q + "axis"], [q + "size"], axis=0)]
+    loop = helper.make_node("Loop", [q + "size", ""], [o.name for o in traced_outputs], name="loop_over_batch",
+                            body=body)
+    outer = helper.make_graph(count + [loop], graph.name, [outer_input], outer_outputs,
+                              initializer=list(graph.initializer), sparse_initializer=list(graph.sparse_initializer))
+    wrapped = helper.make_model(outer, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                functions=list(model.functions), producer_name=model.producer_name,
+                                producer_version=model.producer_version)
+    wrapped.metadata_props.extend(model.metadata_props)
+    return wrapped
+
+
+def pad_stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """(3, H, W) images → one (N, 3, H, W) batch, zero-padded at the bottom and right to the largest H and W."""
+    h, w = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    out = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+    for i, im in enumerate(images):
+        out[i, :, :im.shape[-2], :im.shape[-1]] = im
+    return out
+
+
+def _dims(v: Any) -> list[Any]:
+    """A value's shape: ints, names of symbolic dimensions, None where unknown."""
+    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -48,20 +179,26 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
+def split_detections(outputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Batched outputs → per image (boxes (n, 4), labels (n,), scores (n,)), padding cut by ``num_detections``.
+
+    Three outputs (models exported before the batch axis was dynamic) have no padding."""
+    boxes, labels, scores = (np.asarray(o) for o in outputs[:3])
+    counts = np.asarray(outputs[3]).reshape(-1) if len(outputs) > 3 else [scores.shape[1]] * len(scores)
+    return [(boxes[i, :n], labels[i, :n], scores[i, :n]) for i, n in enumerate(int(c) for c in counts)]
+
+
 def make_compare(score_floor: float, margin: float = 0.02):
-    """A parity measure: every detection scoring above ``score_floor + margin`` in either output must have a
-    same-label partner in the other; the result is the worst of (1 - IoU) and |score difference| over pairs.
+    """A parity measure over batches: the images must agree in number and, image by image, every detection
+    scoring above ``score_floor + margin`` in either output must have a same-label partner in the other; the
+    result is the worst of (1 - IoU) and |score difference| over pairs.
 
     Detections near the score threshold may appear on one side only (float noise), so they are not required.
     """
 
-    def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
-        if len(ref) != 3 or len(got) != 3:
-            return float("inf")
-        rb, rl, rs = (np.asarray(x).reshape(-1, *x.shape[2:]) for x in ref)
-        gb, gl, gs = (np.asarray(x).reshape(-1, *x.shape[2:]) for x in got)
+    def one(ref: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...]) -> float:
         worst = 0.0
-        for (ab, al, as_), (bb, bl, bs) in (((rb, rl, rs), (gb, gl, gs)), ((gb, gl, gs), (rb, rl, rs))):
+        for (ab, al, as_), (bb, bl, bs) in ((ref, got), (got, ref)):
             strong = as_ > score_floor + margin
             if not strong.any():
                 continue
@@ -75,5 +212,13 @@ def make_compare(score_floor: float, margin: float = 0.02):
                 return float("inf")
             worst = max(worst, float((1 - best).max()), float(np.abs(as_[strong] - bs[j]).max()))
         return worst
+
+    def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+        if len(ref) != len(got) or len(ref) not in (3, 4):
+            return float("inf")
+        a, b = split_detections(ref), split_detections(got)
+        if len(a) != len(b):
+            return float("inf")
+        return max((one(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
 
     return compare

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from visionpipe_plugins.detection.config import GenerateConfig
 
 from visionpipe.synthetic import (
     build_atomically,
@@ -17,6 +16,7 @@ from visionpipe.synthetic import (
     textured_background,
     write_png,
 )
+from visionpipe_plugins.detection.config import GenerateConfig
 
 log = logging.getLogger(__name__)
 

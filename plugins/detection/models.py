@@ -16,10 +16,10 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
-from visionpipe_plugins.detection.config import DETECTION_MODELS, DetectionModelConfig
 
 from visionpipe.engine.checkpoint import load_weights_file
 from visionpipe.errors import VisionpipeError, unknown_name
+from visionpipe_plugins.detection.config import DETECTION_MODELS, DetectionModelConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_TRAINABLE = 3

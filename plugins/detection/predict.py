@@ -10,10 +10,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from visionpipe_plugins.detection.formats import load_coco_json
 
 from visionpipe.io import write_json
 from visionpipe.task import Predictor
+from visionpipe_plugins.detection.export import split_detections
+from visionpipe_plugins.detection.formats import load_coco_json
 
 log = logging.getLogger(__name__)
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -21,7 +22,9 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 
 class DetectionPredictor(Predictor):
-    """One image per run (sizes differ); the model resizes and normalizes inside.
+    """Images at their own size; the model resizes and normalizes each one inside, so consecutive images of one
+    size run as one batch and get exactly the detections they get alone (models exported before the batch axis
+    was dynamic, without ``num_detections``, run one image at a time).
 
     Options: ``score_threshold`` (records keep detections at or above it; default the model's
     ``box_score_thresh``), ``draw_threshold`` (boxes drawn by ``--save-images``), ``gt`` (a COCO
@@ -38,15 +41,16 @@ class DetectionPredictor(Predictor):
         self.score_thr = float(thr if thr is not None else metadata.get("score_threshold", 0.0))
         dthr = options.get("draw_threshold")
         self.draw_thr = float(dthr if dthr is not None else metadata.get("draw_threshold", 0.5))
+        self.batchable = "num_detections" in metadata.get("outputs", [])
 
     def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
         x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
         return {"images": x}, image.shape[:2]
 
     def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
-        boxes, labels, scores = (np.asarray(o) for o in outputs[:3])
+        boxes, labels, scores = split_detections([np.asarray(o)[None] for o in outputs])[0]
         keep = scores >= self.score_thr
-        boxes, labels, scores = boxes.reshape(-1, 4)[keep], labels.reshape(-1)[keep], scores.reshape(-1)[keep]
+        boxes, labels, scores = boxes.reshape(-1, 4)[keep], labels[keep], scores[keep]
         h, w = state
         idx = [int(k) - 1 for k in labels]
         return {"width": int(w), "height": int(h),

@@ -8,6 +8,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from visionpipe.errors import VisionpipeError
+from visionpipe.io import write_json
+from visionpipe.plots import plot_curves
+from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
 from visionpipe_plugins.detection.config import (
     DETECTION_MODELS,
     DetectionAugmentConfig,
@@ -21,15 +26,10 @@ from visionpipe_plugins.detection.data import (
     dataset_root,
     load_splits,
 )
-from visionpipe_plugins.detection.export import ExportedDetector, make_compare
+from visionpipe_plugins.detection.export import OUTPUTS, ExportedDetector, make_compare, pad_stack
 from visionpipe_plugins.detection.metrics import coco_evaluate, coco_gt, to_coco_results
 from visionpipe_plugins.detection.models import build_detector
 from visionpipe_plugins.detection.predict import DetectionPredictor
-
-from visionpipe.errors import VisionpipeError
-from visionpipe.io import write_json
-from visionpipe.plots import plot_curves
-from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
 
 log = logging.getLogger(__name__)
 
@@ -158,29 +158,33 @@ class DetectionTask(Task):
     # -- export / predict -----------------------------------------------------------------------
     def export_spec(self, model: nn.Module, data: DataBundle | None, info: dict[str, Any],
                     num_parity: int) -> ExportSpec:
-        """One image (1, 3, H, W) in, boxes/labels/scores out; dynamic H and W; parity on real val images."""
+        """Images (N, 3, H, W) in, padded boxes/labels/scores and counts out; dynamic N, H and W; parity on a
+        batch of real val images and on each of them alone."""
         m = self._model_cfg()
         parity: list[tuple[torch.Tensor, ...]] = []
         ds = (data.val or data.test or data.train) if data else None
         if ds is not None and num_parity:
             plain = DetectionDataset(ds.records)
-            parity = [(plain[i][0][None],) for i in range(min(len(plain), num_parity))]
-        example = parity[0] if parity else (torch.rand(1, 3, m.min_size, m.min_size),)
+            images = [plain[i][0] for i in range(min(len(plain), num_parity))]
+            parity = ([(pad_stack(images),)] if len(images) > 1 else []) + [(im[None],) for im in images]
+        example = parity[-1] if parity else (torch.rand(1, 3, m.min_size, m.min_size),)
+        module = ExportedDetector(model.eval())
         meta = {"task": self.name, "class_names": info["class_names"], "category_ids": info["category_ids"],
                 "model": m.name if m.name != "resnet_fpn" else f"resnet_fpn({m.backbone})",
-                "preprocess": {"input": "RGB float32 0..1, shape (1, 3, H, W), any H and W",
-                               "inside_the_model": f"resize to min_size {m.min_size} / max_size {m.max_size}, "
-                                                   "normalize with image_mean/image_std",
+                "preprocess": {"input": "RGB float32 0..1, shape (N, 3, H, W): any N, H and W, one size per batch",
+                               "inside_the_model": f"each image on its own: resize to min_size {m.min_size} / "
+                                                   f"max_size {m.max_size}, normalize with image_mean/image_std",
                                "min_size": m.min_size, "max_size": m.max_size,
                                "image_mean": list(m.image_mean), "image_std": list(m.image_std)},
-                "outputs": "boxes (1, N, 4) xyxy in input pixels, labels (1, N) int64 (1..K, see class_names), "
-                           "scores (1, N)",
+                "outputs": f"boxes (N, K, 4) xyxy in input pixels, labels (N, K) int64 (1..C, see class_names), "
+                           f"scores (N, K), num_detections (N,) int64; K = max_detections = {module.max_detections}: "
+                           "image i's detections are its first num_detections[i] rows, the rest is zero padding",
+                "max_detections": module.max_detections,
                 "score_threshold": m.box_score_thresh, "nms_threshold": m.box_nms_thresh,
                 "draw_threshold": m.draw_score_thresh, "ground_truth": info.get("ground_truth", [])}
-        axes = {"images": {2: "height", 3: "width"}, "boxes": {1: "detections"}, "labels": {1: "detections"},
-                "scores": {1: "detections"}}
-        return ExportSpec(ExportedDetector(model.eval()), example, ["images"], ["boxes", "labels", "scores"], axes,
-                          meta, parity_inputs=parity, compare=make_compare(m.box_score_thresh))
+        axes = {"images": {2: "height", 3: "width"}}  # traced on one image; the batch axis comes from the Loop
+        return ExportSpec(module, example, ["images"], list(OUTPUTS), axes, meta, parity_inputs=parity,
+                          compare=make_compare(m.box_score_thresh), postprocess_onnx=module.batched_onnx)
 
     @classmethod
     def predictor(cls, metadata: dict[str, Any], options: dict[str, Any]) -> Predictor:

@@ -1,8 +1,7 @@
 """Semantic segmentation with torchvision models (FCN, DeepLabV3, LR-ASPP)."""
 
-from visionpipe_plugins.segmentation.task import SegmentationTask
-
 from visionpipe import hookimpl
+from visionpipe_plugins.segmentation.task import SegmentationTask
 
 
 @hookimpl

@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from visionpipe_plugins.segmentation.coco import CocoImage, read_coco, render_mask
-from visionpipe_plugins.segmentation.config import LoadConfig
-from visionpipe_plugins.segmentation.generate import generate_shapes
-from visionpipe_plugins.segmentation.masks import mask_palette, mask_size, read_mask, voc_palette
 
 from visionpipe.augment import SeededAugmentation
 from visionpipe.errors import ConfigError, DataError, ImageReadError, VisionpipeError
 from visionpipe.images import IMAGE_EXTENSIONS, BadImage, iter_image_files, read_image
 from visionpipe.paths import resolve_under
+from visionpipe_plugins.segmentation.coco import CocoImage, read_coco, render_mask
+from visionpipe_plugins.segmentation.config import LoadConfig
+from visionpipe_plugins.segmentation.generate import generate_shapes
+from visionpipe_plugins.segmentation.masks import mask_palette, mask_size, read_mask, voc_palette
 
 log = logging.getLogger(__name__)
 

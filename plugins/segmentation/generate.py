@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from visionpipe_plugins.segmentation.config import GenerateConfig
-from visionpipe_plugins.segmentation.masks import voc_palette, write_mask
 
 from visionpipe.io import write_text
 from visionpipe.synthetic import (
@@ -19,6 +17,8 @@ from visionpipe.synthetic import (
     textured_background,
     write_png,
 )
+from visionpipe_plugins.segmentation.config import GenerateConfig
+from visionpipe_plugins.segmentation.masks import voc_palette, write_mask
 
 log = logging.getLogger(__name__)
 CLASSES = ("background", *SHAPES)

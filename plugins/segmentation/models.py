@@ -10,10 +10,10 @@ import torchvision
 import torchvision.models.segmentation as tvseg
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from visionpipe_plugins.segmentation.config import MODEL_NAMES
 
 from visionpipe.engine.checkpoint import load_weights_file
 from visionpipe.errors import VisionpipeError, unknown_name
+from visionpipe_plugins.segmentation.config import MODEL_NAMES
 
 log = logging.getLogger(__name__)
 

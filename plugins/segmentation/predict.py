@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
-from visionpipe_plugins.segmentation.masks import overlay, voc_palette, write_mask
 
 from visionpipe.augment import deserialize
 from visionpipe.io import atomic_path
 from visionpipe.task import Predictor
+from visionpipe_plugins.segmentation.masks import overlay, voc_palette, write_mask
 
 MASK_KEY = "_mask"
 """Record key that carries the predicted mask from ``postprocess`` to ``draw`` (never written to JSON)."""

@@ -11,17 +11,17 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from visionpipe.augment import AugmentConfig, compose, resize_normalize, serialize
+from visionpipe.errors import VisionpipeError
+from visionpipe.plots import plot_confusion, save_image_grid
+from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
 from visionpipe_plugins.segmentation.config import ModelConfig, SegmentationConfig
 from visionpipe_plugins.segmentation.data import SegmentationDataset, load_splits
 from visionpipe_plugins.segmentation.masks import colorize, voc_palette
 from visionpipe_plugins.segmentation.metrics import scores, update_confusion
 from visionpipe_plugins.segmentation.models import BUILDERS, build_segmenter, split_backbone_head
 from visionpipe_plugins.segmentation.predict import SegmentationExport, SegmentationPredictor, compare_outputs
-
-from visionpipe.augment import AugmentConfig, compose, resize_normalize, serialize
-from visionpipe.errors import VisionpipeError
-from visionpipe.plots import plot_confusion, save_image_grid
-from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
 
 if TYPE_CHECKING:
     from visionpipe.infer.backends import Backend

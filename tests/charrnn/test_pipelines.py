@@ -10,16 +10,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+
+from tests.conftest import run_cli
+from visionpipe.errors import DataError
+from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
 from visionpipe_plugins.charrnn.config import ClassifyLoadConfig, GenerateLoadConfig
 from visionpipe_plugins.charrnn.corpus import LANGUAGES
 from visionpipe_plugins.charrnn.data import collate, load_classify, load_generate
 from visionpipe_plugins.charrnn.generate import torch_step
 from visionpipe_plugins.charrnn.sampling import generate
 from visionpipe_plugins.charrnn.text import PAD, Vocab
-
-from tests.conftest import run_cli
-from visionpipe.errors import DataError
-from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
 
 pytestmark = pytest.mark.slow
 

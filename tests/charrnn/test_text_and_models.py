@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from visionpipe.errors import DataError
 from visionpipe_plugins.charrnn.config import RnnModelConfig
 from visionpipe_plugins.charrnn.data import ChunkDataset, collate
 from visionpipe_plugins.charrnn.models import CharClassifier, CharLM, ClassifierExport, LMExport
 from visionpipe_plugins.charrnn.sampling import generate, pick_next
 from visionpipe_plugins.charrnn.text import PAD, UNK, Vocab, read_lines, read_text
-
-from visionpipe.errors import DataError
 
 
 def test_empty_file_is_a_clear_error(tmp_path):

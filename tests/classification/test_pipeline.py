@@ -160,7 +160,7 @@ def test_predict_with_checkpoint_matches_onnx(finished_run, tmp_path):
     assert json.loads(a.stdout)["images"] == json.loads(b.stdout)["images"] == 8
     ra = [json.loads(x) for x in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
-    for x, y in zip(ra, rb):
+    for x, y in zip(ra, rb, strict=False):
         assert x["path"] == y["path"] and x["labels"] == y["labels"]
         assert np.allclose(x["scores"], y["scores"], atol=1e-4)
 
@@ -231,3 +231,37 @@ def test_kill_and_resume(tmp_path, tiny_pipeline):
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1] == 8 and len(set(epochs)) == len(epochs), "no epoch logged twice"
     assert not list((tmp_path / "r").rglob(".vp-tmp-*"))
+
+
+def test_stages_without_their_blocks_run_with_defaults(tmp_path, color_data):
+    """A stage listed in `stages:` with no block of its own runs with that block's defaults."""
+    p = tmp_path / "bare.yaml"
+    p.write_text(f"task: classification\nname: bare\nload: {{root: {color_data}}}\n"
+                 "augment: {image_size: [32, 32]}\nmodel: {name: resnet18}\n"
+                 "stages: [load, augment, model, train, export]\n")
+    run_cli("run", str(p), "--set", "train.epochs=2", cwd=tmp_path)
+    run = tmp_path / "runs" / "bare"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    report = json.loads((run / "manifest.json").read_text())["export"]
+    assert (run / "model.onnx").is_file() and report["opset"] == 17 and report["max_abs_diff"] < 1e-3
+
+
+def test_predictions_are_redone_when_resume_changes_the_model(tmp_path, tiny_pipeline, color_data):
+    p = tiny_pipeline(epochs=1, extra=f"predict: {{source: {color_data / 'val'}, batch_size: 4}}\n")
+    always_better = ["--set", "train.monitor=epoch", "--set", "train.monitor_mode=max"]  # best.pt = last epoch
+    run_cli("run", str(p), "--run-dir", "r", *always_better, cwd=tmp_path)
+    preds = tmp_path / "r" / "predictions"
+    first = (preds / "model.sha256").read_text()
+    assert first.strip() == hashlib.sha256((tmp_path / "r" / "model.onnx").read_bytes()).hexdigest()
+    run_cli("run", "--resume", "r", "--set", "train.epochs=2", *always_better, cwd=tmp_path)
+    assert (preds / "model.sha256").read_text().strip() == \
+        hashlib.sha256((tmp_path / "r" / "model.onnx").read_bytes()).hexdigest() != first.strip()
+    records = [json.loads(x) for x in (preds / "predictions.jsonl").read_text().splitlines()]
+    n_images = len(list((color_data / "val").rglob("*.png")))
+    assert len(records) == n_images == len({r["path"] for r in records}), "every image once, from the new model"
+
+
+def test_a_monitor_that_is_no_metric_is_a_clear_error(tmp_path, tiny_pipeline):
+    proc = run_cli("run", str(tiny_pipeline(epochs=1)), "--set", "train.monitor=val/top_1", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "train.monitor: 'val/top_1' is not a metric of this task; did you mean 'val/top1'?" in proc.stderr

@@ -126,3 +126,19 @@ def test_yaml_is_loaded_safely(tmp_path):
     p = write(tmp_path, BASE + "model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(p)
+
+
+def test_set_of_an_unknown_key_blames_the_override_not_the_file(tmp_path):
+    p = write(tmp_path, BASE)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["trian.epochs=3"])
+    assert str(e.value).startswith("--set: trian: unknown key; did you mean 'train'?")
+
+
+def test_set_reaches_into_lists_by_index(tmp_path):
+    p = write(tmp_path, BASE + "augment:\n  train:\n    - {name: HorizontalFlip, p: 0.5}\n")
+    cfg = load_config(p, ["augment.train.0.p=0.25"]).config
+    assert cfg.augment.train == [{"name": "HorizontalFlip", "p": 0.25}]
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["augment.train.3.p=0.25"])
+    assert str(e.value).startswith("--set: augment.train.3: '3' is not an index of this list (it has 1 items)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from visionpipe_plugins.dcgan.features import RandomConvFeatures, build_extractor
 from visionpipe_plugins.dcgan.fid import feature_stats, fid_from_features, frechet_distance
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from visionpipe_plugins.dcgan.models import DCGAN, Discriminator, Generator
 
 from tests.conftest import run_cli
 from tests.dcgan.conftest import write_pipeline
 from visionpipe.config import load_config
 from visionpipe.task import OptimizationContext
+from visionpipe_plugins.dcgan.models import DCGAN, Discriminator, Generator
 
 
 @pytest.mark.parametrize("size,channels", [(16, 3), (32, 1), (64, 3)])

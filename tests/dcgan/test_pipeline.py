@@ -91,9 +91,8 @@ def test_pipeline_predict_stage_writes_samples(finished_run):
 
 
 def test_predict_writes_n_pngs_deterministically(finished_run, tmp_path):
-    from visionpipe_plugins.dcgan.task import DcganTask
-
     from visionpipe.infer.backends import open_backend
+    from visionpipe_plugins.dcgan.task import DcganTask
 
     run = finished_run[0]
     model = str(run / "generator.onnx")
@@ -112,9 +111,8 @@ def test_predict_writes_n_pngs_deterministically(finished_run, tmp_path):
 
 
 def test_predict_with_checkpoint_matches_onnx(finished_run, tmp_path):
-    from visionpipe_plugins.dcgan.task import DcganTask
-
     from visionpipe.infer.backends import open_backend
+    from visionpipe_plugins.dcgan.task import DcganTask
 
     run = finished_run[0]
     for name, model in (("onnx", "generator.onnx"), ("pt", "checkpoints/best.pt")):

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from visionpipe_plugins.detection.config import GenerateConfig
 from visionpipe_plugins.detection.generate import generate_shapes
 

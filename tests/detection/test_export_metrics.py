@@ -1,27 +1,31 @@
-"""ONNX export parity on real images, zero-proposal safety, and COCO results through pycocotools."""
+"""ONNX export (dynamic batch, parity on real images, zero-proposal safety), batched predict, and COCO
+results through pycocotools."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from typer.testing import CliRunner
+
+from visionpipe.cli import app
+from visionpipe.export.onnx import export_onnx, read_metadata
+from visionpipe.infer.backends import open_backend
+from visionpipe.task import DataBundle
 from visionpipe_plugins.detection import cli as det_cli
 from visionpipe_plugins.detection.config import DetectionConfig
 from visionpipe_plugins.detection.data import DetectionDataset, load_splits
-from visionpipe_plugins.detection.export import ExportedDetector, make_compare
+from visionpipe_plugins.detection.export import ExportedDetector, make_compare, split_detections
 from visionpipe_plugins.detection.formats import coco_index, load_coco_json
 from visionpipe_plugins.detection.metrics import coco_evaluate
 from visionpipe_plugins.detection.predict import DetectionPredictor
 from visionpipe_plugins.detection.task import DetectionTask
-
-from visionpipe.cli import app
-from visionpipe.export.onnx import export_onnx, read_metadata
-from visionpipe.task import DataBundle
 
 MODEL = {"name": "resnet_fpn", "backbone": "resnet18", "returned_layers": [3, 4], "fpn_channels": 32,
          "representation_size": 32, "min_size": 64, "max_size": 64, "anchor_sizes": [[16], [32], [64]],
@@ -42,29 +46,41 @@ def exported(shapes_root: Path, tmp_path: Path) -> tuple[Path, DetectionTask, Da
     data = task.build_data()
     model = task.build_model(data.info).eval()
     spec = task.export_spec(model, data, data.info, 3)
+    assert [args[0].shape[0] for args in spec.parity_inputs] == [3, 1, 1, 1]  # a real batch, then each image alone
     report = export_onnx(spec, tmp_path / "model.onnx", opset=17, tolerance=1e-3)
-    assert report["parity_inputs"] == 3 and report["max_abs_diff"] <= 1e-3
+    assert report["parity_inputs"] == 4 and report["max_abs_diff"] <= 1e-3
     return tmp_path / "model.onnx", task, data, model
 
 
-def test_onnx_export_matches_pytorch_on_real_images_of_any_size(exported) -> None:
+def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch_on_any_size(exported) -> None:
     path, task, data, model = exported
+    onnx.checker.check_model(str(path), full_check=True)
     meta = read_metadata(path)
     assert meta["class_names"] == ["circle", "square", "triangle", "cross"] and meta["category_ids"] == [1, 2, 3, 4]
     assert meta["score_threshold"] == 0.0 and meta["preprocess"]["min_size"] == 64
+    assert meta["outputs"] == ["boxes", "labels", "scores", "num_detections"] and meta["max_detections"] == 100
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in sess.get_inputs()] == [["batch", 3, "height", "width"]]
+    assert [o.shape for o in sess.get_outputs()] == [["batch", 100, 4], ["batch", 100], ["batch", 100], ["batch"]]
     compare = make_compare(0.0)
-    for shape in [(1, 3, 48, 48), (1, 3, 37, 81)]:  # a size never seen at export time
+    torch.manual_seed(1)
+    for shape in [(1, 3, 48, 48), (3, 3, 48, 48), (3, 3, 37, 81)]:  # 37 x 81: a size never seen at export time
         x = torch.rand(*shape)
         got = sess.run(None, {"images": x.numpy()})
         with torch.no_grad():
             ref = [t.numpy() for t in ExportedDetector(model).eval()(x)]
-            plain = model([x[0]])[0]
-        assert got[0].shape[0] == 1 and got[0].shape[2] == 4 and got[1].dtype == np.int64
+            plain = model(list(x))
+        assert [g.shape for g in got] == [(shape[0], 100, 4), (shape[0], 100), (shape[0], 100), (shape[0],)]
+        assert got[1].dtype == np.int64 and got[3].dtype == np.int64
         assert compare(ref, got) < 1e-3
-        assert len(plain["scores"]) == ref[2].shape[1]  # the export guard changes nothing
-        if len(plain["boxes"]):
-            np.testing.assert_allclose(plain["boxes"].numpy(), ref[0][0], atol=1e-4)
+        singles = [sess.run(None, {"images": x[i:i + 1].numpy()}) for i in range(shape[0])]
+        for j in range(4):  # image i of a batch gets what it gets alone
+            np.testing.assert_allclose(got[j], np.concatenate([s[j] for s in singles]), atol=1e-4)
+        for (boxes, labels, scores), p in zip(split_detections(ref), plain, strict=True):
+            assert len(scores) == len(p["scores"])  # the export guard and the padding change nothing
+            np.testing.assert_allclose(boxes, p["boxes"].numpy(), atol=1e-4)
+            np.testing.assert_array_equal(labels, p["labels"].numpy())
+        assert not got[2][0, got[3][0]:].any() and not got[1][0, got[3][0]:].any()  # padding is zeros
 
 
 def test_onnx_model_with_zero_proposals_still_runs(shapes_root: Path, tmp_path: Path) -> None:
@@ -75,8 +91,9 @@ def test_onnx_model_with_zero_proposals_still_runs(shapes_root: Path, tmp_path: 
     spec = task.export_spec(model, data, data.info, 2)
     export_onnx(spec, tmp_path / "m.onnx", opset=17)
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    boxes, labels, scores = sess.run(None, {"images": np.random.rand(1, 3, 50, 60).astype(np.float32)})
-    assert boxes.shape == (1, 0, 4) and labels.shape == (1, 0) and scores.shape == (1, 0)
+    boxes, labels, scores, counts = sess.run(None, {"images": np.random.rand(2, 3, 50, 60).astype(np.float32)})
+    assert boxes.shape == (2, 100, 4) and counts.tolist() == [0, 0] and not scores.any()
+    assert [len(d[0]) for d in split_detections([boxes, labels, scores, counts])] == [0, 0]
 
 
 def test_parity_compare_catches_missing_and_moved_detections() -> None:
@@ -89,6 +106,58 @@ def test_parity_compare_catches_missing_and_moved_detections() -> None:
     assert make_compare(0.05)(ref, relabeled) >= 1.0  # same-label partner does not overlap
     weak = [np.concatenate([ref[0], [[[40, 40, 45, 45]]]], 1), np.array([[1, 2, 3]]), np.array([[0.9, 0.8, 0.051]])]
     assert make_compare(0.05)(ref, weak) == 0.0  # near-threshold detections may differ
+    # padded batches: rows past num_detections are ignored, images are compared one by one
+    padded = [np.concatenate([ref[0], np.zeros((1, 2, 4), np.float32)], 1), np.array([[1, 2, 0, 0]]),
+              np.array([[0.9, 0.8, 0, 0]]), np.array([2])]
+    assert make_compare(0.05)(padded, [a.copy() for a in padded]) == 0.0
+    junk = [a.copy() for a in padded]
+    junk[0][0, 3], junk[1][0, 3], junk[2][0, 3] = [50, 50, 60, 60], 4, 0.99  # beyond num_detections
+    assert make_compare(0.05)(padded, junk) == 0.0
+    batch = [np.concatenate([a, a]) for a in padded]
+    swapped = [a.copy() for a in batch]
+    swapped[3] = np.array([2, 1])  # the second image lost a strong detection
+    assert make_compare(0.05)(batch, [a.copy() for a in batch]) == 0.0
+    assert make_compare(0.05)(batch, swapped) == float("inf")
+    assert make_compare(0.05)(batch, padded) == float("inf")  # different number of images
+
+
+def _predict_folder(exported, folder: Path, out: Path, batch_size: int) -> tuple[list[dict], list[int]]:
+    """Predict a folder through the ONNX backend; (records, the batch sizes the model was fed)."""
+    path, *_ = exported
+    backend, meta = open_backend(str(path), device="cpu")
+    fed: list[int] = []
+    run = backend.run
+    backend.run = lambda feed: fed.append(len(feed["images"])) or run(feed)
+    DetectionTask.predict(backend, meta, str(folder), out, {"batch_size": batch_size, "workers": 0})
+    recs = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return recs, fed
+
+
+def test_predict_in_batches_gives_the_single_image_predictions(exported, shapes_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = sorted((shapes_root / "images").rglob("*.png"))[:5]
+    for i, p in enumerate(images):  # in name order: three 48 x 48, one 40 x 56, then 48 x 48 again
+        img = cv2.imread(str(p))
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.resize(img, (56, 40)) if i == 3 else img)
+    one, fed_one = _predict_folder(exported, folder, tmp_path / "one", 1)
+    many, fed_many = _predict_folder(exported, folder, tmp_path / "many", 8)
+    assert fed_one == [1] * 5 and fed_many == [3, 1, 1]  # consecutive images of one size share a batch
+    assert [r["path"] for r in one] == [r["path"] for r in many] and len(one) == 5
+    for a, b in zip(one, many, strict=True):
+        assert (a["width"], a["height"]) == (b["width"], b["height"])
+        assert a["labels"] == b["labels"] and len(a["boxes"]) == len(b["boxes"]) > 0
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-2)
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+
+
+def test_predictor_reads_models_exported_with_a_batch_of_one(exported) -> None:
+    meta = {**read_metadata(exported[0]), "outputs": ["boxes", "labels", "scores"]}
+    pred = DetectionPredictor(meta, {"score_threshold": 0.5})
+    assert not pred.batchable  # an old model takes one image per run
+    rec = pred.postprocess([np.array([[1, 2, 30, 40], [0, 0, 5, 5]], np.float32), np.array([2, 1]),
+                            np.array([0.9, 0.4], np.float32)], (48, 64))
+    assert rec["boxes"] == [[1, 2, 30, 40]] and rec["labels"] == ["square"] and rec["scores"] == [0.9]
 
 
 def _perfect_results(gt_file: Path) -> list[dict]:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from visionpipe_plugins.detection.config import DetectionAugmentConfig, LoadConfig
-from visionpipe_plugins.detection.data import DetectionDataset, build_train_transform, collate, load_splits
 
 from tests.detection.conftest import write_png
 from visionpipe.errors import DataError, UnsafePathError
+from visionpipe_plugins.detection.config import DetectionAugmentConfig, LoadConfig
+from visionpipe_plugins.detection.data import DetectionDataset, build_train_transform, collate, load_splits
 
 
 def load(**kw):

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
-from visionpipe_plugins.detection.config import DETECTION_MODELS, DetectionModelConfig
-from visionpipe_plugins.detection.models import build_detector
-from visionpipe_plugins.detection.task import DetectionTask
 
 from visionpipe.config import load_config
 from visionpipe.errors import ConfigError, VisionpipeError
+from visionpipe_plugins.detection.config import DETECTION_MODELS, DetectionModelConfig
+from visionpipe_plugins.detection.models import build_detector
+from visionpipe_plugins.detection.task import DetectionTask
 
 TINY = {"min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20}
 

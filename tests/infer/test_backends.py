@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
-from visionpipe_plugins.classification.task import ClassificationTask
 
 from tests.infer.conftest import write_images
 from visionpipe.errors import VisionpipeError
 from visionpipe.images import read_image
 from visionpipe.infer.backends import OnnxBackend, TorchBackend, open_backend
 from visionpipe.infer.sources import iter_sources
+from visionpipe_plugins.classification.task import ClassificationTask
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from visionpipe_plugins.classification.task import ClassificationTask
 
 from tests.conftest import run_cli
 from tests.infer.conftest import write_images
@@ -16,6 +15,7 @@ from visionpipe.export.onnx import read_metadata
 from visionpipe.export.quantize import image_feeds, quantize_onnx
 from visionpipe.infer.backends import open_backend
 from visionpipe.infer.sources import iter_sources
+from visionpipe_plugins.classification.task import ClassificationTask
 
 
 @pytest.fixture(scope="module")

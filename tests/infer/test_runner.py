@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from visionpipe_plugins.classification.task import ClassificationPredictor, ClassificationTask
 
 from tests.conftest import run_cli
 from tests.infer.conftest import write_bad_files, write_images
@@ -21,6 +20,7 @@ from visionpipe.errors import VisionpipeError
 from visionpipe.infer.backends import open_backend
 from visionpipe.infer.runner import merge_outputs, predict_images
 from visionpipe.infer.sources import iter_sources
+from visionpipe_plugins.classification.task import ClassificationPredictor, ClassificationTask
 
 
 @pytest.fixture(scope="module")

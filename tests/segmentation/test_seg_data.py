@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.segmentation.conftest import CLASSES, make_coco, make_mask_folder, make_pair, save_mask
+from visionpipe.config import load_config
+from visionpipe.errors import ConfigError, DataError
 from visionpipe_plugins.segmentation.coco import read_coco, render_mask
 from visionpipe_plugins.segmentation.config import LoadConfig
 from visionpipe_plugins.segmentation.data import load_splits
 from visionpipe_plugins.segmentation.masks import read_mask
 from visionpipe_plugins.segmentation.task import SegmentationTask
-
-from tests.segmentation.conftest import CLASSES, make_coco, make_mask_folder, make_pair, save_mask
-from visionpipe.config import load_config
-from visionpipe.errors import ConfigError, DataError
 
 
 def _load(root: Path, **kw) -> tuple:

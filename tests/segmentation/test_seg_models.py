@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+
+from visionpipe.config import load_config
+from visionpipe.errors import ConfigError
 from visionpipe_plugins.segmentation.config import MODEL_NAMES
 from visionpipe_plugins.segmentation.metrics import scores
 from visionpipe_plugins.segmentation.models import build_segmenter
 from visionpipe_plugins.segmentation.predict import compare_outputs, upsample_argmax
-
-from visionpipe.config import load_config
-from visionpipe.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -1,12 +1,23 @@
-"""Rank-aware helpers in one place (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+"""Rank-aware helpers in one place (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK).
+
+Every collective here runs under the process group's timeout (``VISIONPIPE_DIST_TIMEOUT``
+seconds, default 1800), so a rank that never arrives makes the run fail instead of hang.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from visionpipe.errors import VisionpipeError
+
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 def env_world() -> tuple[int, int, int]:
@@ -35,15 +46,44 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def timeout_seconds() -> float:
+    """Seconds any collective may wait for the other ranks (``VISIONPIPE_DIST_TIMEOUT``)."""
+    raw = os.environ.get("VISIONPIPE_DIST_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise VisionpipeError(f"VISIONPIPE_DIST_TIMEOUT must be a positive number of seconds (got {raw!r})")
+    return value
+
+
 def init_distributed(device: torch.device) -> bool:
     """Start the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     _, world, local = env_world()
     if world <= 1 or is_distributed():
         return is_distributed()
+    port = os.environ.get("MASTER_PORT", "")
+    if port == "0":
+        # torchrun's static rendezvous hands MASTER_PORT=0 to the workers verbatim; they would
+        # retry connecting to port 0 until the timeout.
+        raise VisionpipeError(
+            "MASTER_PORT is 0: torchrun --master-port 0 does not pick a free port for the workers. "
+            "Use `torchrun --standalone --nproc-per-node N ...` on one machine, or "
+            "`--rdzv-backend c10d --rdzv-endpoint HOST:PORT` with a real port")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend)
+    seconds = timeout_seconds()
+    try:
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=seconds))
+    except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VisionpipeError(
+            f"could not start the {backend} process group ({world} processes, "
+            f"{os.environ.get('MASTER_ADDR')}:{port}) within {seconds:g}s: {first}") from None
     return True
 
 
@@ -53,14 +93,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (e.g. rank 0 writes a cache they read)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
 def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Sum float values over ranks (no-op alone)."""
-    if not is_distributed() or not values:
+    """Sum float values over ranks (no-op alone); a key missing on some rank counts as 0 there."""
+    if not is_distributed():
         return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    keys_per_rank: list[Any] = [None] * world_size()
+    dist.all_gather_object(keys_per_rank, sorted(values))
+    keys = sorted(set().union(*keys_per_rank))
+    if not keys:
+        return {}
+    # gloo reduces CPU tensors only; NCCL needs them on this rank's GPU
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=where)
     dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.tolist(), strict=True))
 
 
 def broadcast_object(obj: Any) -> Any:

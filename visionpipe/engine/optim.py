@@ -51,12 +51,12 @@ class Warmup:
         if self.done:
             return
         if global_step >= self.steps:
-            for g, b in zip(self.opt.param_groups, self.base):
+            for g, b in zip(self.opt.param_groups, self.base, strict=False):
                 g["lr"] = b
             self.done = True
             return
         f = self.start + (1.0 - self.start) * global_step / self.steps
-        for g, b in zip(self.opt.param_groups, self.base):
+        for g, b in zip(self.opt.param_groups, self.base, strict=False):
             g["lr"] = b * f
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,13 +11,13 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from visionpipe.config import TrainConfig
 from visionpipe.engine import distributed as dist
@@ -25,7 +25,7 @@ from visionpipe.engine.checkpoint import rng_state, save_checkpoint, set_rng_sta
 from visionpipe.engine.meters import Meter
 from visionpipe.engine.optim import Warmup, build_optimizer, build_scheduler
 from visionpipe.engine.progress import fmt, make_progress
-from visionpipe.errors import TrainingError, VisionpipeError
+from visionpipe.errors import TrainingError, VisionpipeError, did_you_mean
 from visionpipe.task import OptimizationContext, Task
 
 if TYPE_CHECKING:
@@ -47,13 +47,25 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the ``amp`` setting on ``device`` (None = off)."""
-    if device.type != "cuda" or setting == "off":
+    if setting == "off":
+        return None
+    if device.type != "cuda":
+        if setting == "bf16":
+            return torch.bfloat16  # CPU autocast runs in bf16; no gradient scaler needed
+        if setting == "fp16":
+            log.warning("train.amp: fp16 needs CUDA; training in fp32 on %s (use bf16 for mixed precision on CPU)",
+                        device.type)
         return None
     if setting == "fp16":
         return torch.float16
     if setting == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+def pin_memory(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether batches go to page-locked memory (then host-to-device copies do not block)."""
+    return cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -66,26 +78,78 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, index): the order depends only on (seed, epoch), sharded over ranks under DDP.
+
+    The epoch travels with each index, so persistent DataLoader workers pick up each epoch's
+    augmentation stream (``set_epoch``) without being restarted.
+    """
+
+    def __init__(self, ds: Dataset, seed: int) -> None:
+        self.ds, self.seed, self.epoch = ds, seed, 0
+        self.rank, self.world = dist.rank(), dist.world_size()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select ``epoch``'s order (and the dataset's augmentation stream in this process)."""
+        self.epoch = epoch
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch, self.seed)  # may change len(ds) (e.g. text chunk boundaries)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.ds) / self.world)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        n = len(self.ds)  # type: ignore[arg-type]
+        g = torch.Generator()
+        if self.world > 1:  # the same shards as torch's DistributedSampler(shuffle=True, drop_last=False)
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+            total = len(self) * self.world
+            order += (order * math.ceil(total / max(n, 1)))[: total - n]
+            order = order[self.rank:total:self.world]
+        else:
+            g.manual_seed(self.seed * 1000003 + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        for i in order:
+            yield self.epoch, i
+
+
+class _EpochIndexed(Dataset):
+    """``ds`` indexed by (epoch, index) pairs from :class:`EpochSampler`."""
+
+    def __init__(self, ds: Dataset, seed: int) -> None:
+        self.ds, self.seed, self._epoch = ds, seed, None
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, i = key
+        if epoch != self._epoch and hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch, self.seed)
+        self._epoch = epoch
+        return self.ds[i]
+
+
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, epoch: int, cfg: TrainConfig,
                 collate_fn: Callable | None, device: torch.device) -> DataLoader:
-    """A DataLoader whose order depends only on (seed, epoch): resume restores it exactly."""
-    if train and hasattr(ds, "set_epoch"):
-        ds.set_epoch(epoch, seed)  # per-sample augmentation seeds (see visionpipe.augment.SeededAugmentation)
-    if train and dist.is_distributed():
-        sampler: Any = DistributedSampler(ds, shuffle=True, seed=seed, drop_last=False)
+    """A DataLoader whose order depends only on (seed, epoch): resume restores it exactly.
+
+    A training loader can be reused for later epochs: call ``loader.sampler.set_epoch(e)``.
+    """
+    sampler: Any
+    if train:
+        sampler = EpochSampler(ds, seed)
         sampler.set_epoch(epoch)
-    elif train:
-        g = torch.Generator()
-        g.manual_seed(seed * 1000003 + epoch)
-        sampler = RandomSampler(ds, generator=g)
+        ds = _EpochIndexed(ds, seed)
     else:
         sampler = SequentialSampler(ds)
-    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
     kw: dict[str, Any] = {}
     if cfg.num_workers > 0:
-        kw = {"worker_init_fn": _seed_worker, "persistent_workers": False, "prefetch_factor": 4}
+        kw = {"worker_init_fn": _seed_worker, "persistent_workers": cfg.persistent_workers,
+              "prefetch_factor": cfg.prefetch_factor or 4}
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                      collate_fn=collate_fn, pin_memory=pin, drop_last=False, **kw)
+                      collate_fn=collate_fn, pin_memory=pin_memory(cfg, device), drop_last=False, **kw)
 
 
 class Trainer:
@@ -95,23 +159,26 @@ class Trainer:
         self.task, self.ctx, self.cfg = task, ctx, cfg
         self.device = ctx.device
         self.model = model.to(self.device)
-        if cfg.channels_last and self.device.type == "cuda":
+        if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            bench = cfg.cudnn_benchmark
+            torch.backends.cudnn.benchmark = bench if bench is not None else not ctx.cfg.deterministic
+        self.dtype = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.non_blocking = self.device.type == "cuda" and pin_memory(cfg, self.device)
+
+        # optimizers first: param_groups may freeze parameters, and DDP must only see trainable ones
+        opts = task.configure_optimizers(self.model)
+        if opts is None:
+            opts = {"main": build_optimizer(task.param_groups(self.model, cfg.optimizer.lr), cfg.optimizer)}
+        self.optimizers: dict[str, torch.optim.Optimizer] = opts
         self.train_module: nn.Module = self.model
         if dist.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
-        self.dtype = amp_dtype(cfg.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-
-        opts = task.configure_optimizers(self.model)
-        if opts is None:
-            opts = {"main": build_optimizer(task.param_groups(self.model, cfg.optimizer.lr), cfg.optimizer)}
-        self.optimizers: dict[str, torch.optim.Optimizer] = opts
         self.schedulers = {k: build_scheduler(o, cfg.scheduler, cfg.epochs) for k, o in opts.items()}
         self.warmups: dict[str, Warmup] = {}
         self.ema = None
@@ -194,13 +261,14 @@ class Trainer:
                 w.load_state_dict(self._warm_state[k])
         writer = ctx.tensorboard() if cfg.tensorboard else None
         last: dict[str, Any] = self.history[-1] if self.history else {}
+        loader = self._loader(train_ds, collate_fn, train=True)
+        val_loader = self._loader(val_ds, collate_fn, train=False) if val_ds is not None and dist.is_main() else None
         progress = make_progress(enabled=dist.is_main())
         with progress:
             ep_bar = progress.add_task("epochs", total=cfg.epochs, completed=self.epoch, info="")
             while self.epoch < cfg.epochs:
                 epoch = self.epoch
-                loader = make_loader(train_ds, cfg.batch_size, train=True, seed=ctx.seed, epoch=epoch, cfg=cfg,
-                                     collate_fn=collate_fn, device=self.device)
+                loader.sampler.set_epoch(epoch)
                 t0 = time.perf_counter()
                 train_metrics = self._train_epoch(loader, epoch, progress, writer)
                 elapsed = time.perf_counter() - t0
@@ -209,7 +277,7 @@ class Trainer:
                 metrics["train/seconds"] = elapsed
                 metrics["lr"] = self.optimizers[next(iter(self.optimizers))].param_groups[-1]["lr"]
                 if val_ds is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                    metrics.update(self._validate(val_ds, collate_fn, epoch))
+                    metrics.update(self._validate(val_loader, epoch))
                 self.epoch = epoch + 1
                 improved = self._track_best(metrics)
                 self._step_schedulers(metrics)
@@ -244,28 +312,53 @@ class Trainer:
                 save_checkpoint(self.state_dict(), ctx.run_dir / "checkpoints" / "best.pt")
         return last
 
+    def _loader(self, ds: Dataset, collate_fn: Callable | None, *, train: bool) -> Any:
+        """The loader of one split: the task's transforms in workers, or ``decode: device``."""
+        cfg = self.cfg
+        if cfg.decode == "device":
+            from visionpipe.engine.device_data import (
+                DeviceAugment,
+                DeviceBatches,
+                DeviceTransform,
+                EncodedImages,
+                collate_encoded,
+            )
+
+            src = self.task.device_images(ds)
+            if src is not None:
+                aug = DeviceAugment.from_config(src.augment, train=train)
+                loader = make_loader(EncodedImages(src.samples), cfg.batch_size, train=train, seed=self.ctx.seed,
+                                     epoch=self.epoch, cfg=cfg, collate_fn=collate_encoded, device=self.device)
+                return DeviceBatches(loader, DeviceTransform(aug, self.device, self.non_blocking))
+            if train:
+                raise VisionpipeError(
+                    f"train.decode: device is not available for task {self.task.name}: its training set is not "
+                    "an image-label dataset with an augment block (see Task.device_images); use decode: workers")
+        return make_loader(ds, cfg.batch_size, train=train, seed=self.ctx.seed, epoch=self.epoch, cfg=cfg,
+                           collate_fn=collate_fn, device=self.device)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _train_epoch(self, loader: DataLoader, epoch: int, progress: Any, writer: Any) -> dict[str, float]:
+    def _train_epoch(self, loader: Any, epoch: int, progress: Any, writer: Any) -> dict[str, float]:
         cfg, task = self.cfg, self.task
         self.train_module.train()
         meter = Meter()
         bar = progress.add_task(f"epoch {epoch + 1}", total=len(loader), info="", )
         opt_ctx = OptimizationContext(self.optimizers, self.scaler, self._autocast, cfg.grad_clip)
-        non_blocking = self.device.type == "cuda"
         n_images, t0 = 0, time.perf_counter()
         for i, batch in enumerate(loader):
-            batch = to_device(batch, self.device, non_blocking)
-            if cfg.channels_last and self.device.type == "cuda" and isinstance(batch, (tuple, list)) \
+            batch = to_device(batch, self.device, self.non_blocking)
+            if cfg.channels_last and isinstance(batch, (tuple, list)) \
                     and isinstance(batch[0], torch.Tensor) and batch[0].dim() == 4:
                 batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
             for w in self.warmups.values():
                 w.step(self.global_step)
             if task.manual_optimization:
                 values = task.train_step(self.train_module, batch, opt_ctx)
+                opt_ctx.finish()
                 self._check_finite(values, epoch, i)
                 self.global_step += 1
             else:
@@ -316,11 +409,9 @@ class Trainer:
                 f"non-finite loss at epoch {epoch + 1}, batch {i + 1} (global step {self.global_step + 1}): "
                 f"{fmt(bad)}; the last good checkpoint is kept. Lower train.optimizer.lr or set train.grad_clip")
 
-    def _validate(self, val_ds: Dataset, collate_fn: Callable | None, epoch: int) -> dict[str, Any]:
+    def _validate(self, loader: Any, epoch: int) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
-        if dist.is_main():
-            loader = make_loader(val_ds, self.cfg.batch_size, train=False, seed=0, epoch=0, cfg=self.cfg,
-                                 collate_fn=collate_fn, device=self.device)
+        if dist.is_main():  # one process scores the whole split: metrics equal a single-process run's
             model = self.eval_model()
             model.eval()
             with torch.no_grad(), self._autocast():
@@ -332,6 +423,10 @@ class Trainer:
     def _track_best(self, metrics: dict[str, Any]) -> bool:
         value = metrics.get(self.monitor)
         if value is None:
+            if any(k.startswith("val/") for k in metrics):  # validated, yet the metric is not there: a typo
+                names = sorted(k for k in metrics if isinstance(metrics[k], (int, float)))
+                raise TrainingError(f"train.monitor: '{self.monitor}' is not a metric of this task"
+                                    f"{did_you_mean(self.monitor, names)} (metrics: {', '.join(names)})")
             return False
         better = (self.best is None or (value > self.best if self.mode == "max" else value < self.best))
         min_delta = self.cfg.early_stopping.min_delta if self.cfg.early_stopping else 0.0

@@ -25,7 +25,7 @@ def default_compare(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     if len(ref) != len(got):
         return float("inf")
     worst = 0.0
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=False):
         if a.shape != b.shape:
             return float("inf")
         if a.size:
@@ -64,6 +64,11 @@ def export_onnx(spec: ExportSpec, out: str | os.PathLike, *, opset: int = 17, to
         except Exception as e:
             raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         model = onnx.load(str(tmp))
+        if spec.postprocess_onnx is not None:
+            try:
+                model = spec.postprocess_onnx(model)
+            except Exception as e:
+                raise ExportError(f"ONNX post-processing failed: {type(e).__name__}: {e}") from e
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as e:
@@ -84,7 +89,7 @@ def export_onnx(spec: ExportSpec, out: str | os.PathLike, *, opset: int = 17, to
         for args in inputs:
             with torch.no_grad():
                 ref = _flatten(module(*args))
-            feed = {n: a.detach().cpu().numpy() for n, a in zip(spec.input_names, args)}
+            feed = {n: a.detach().cpu().numpy() for n, a in zip(spec.input_names, args, strict=False)}
             got = sess.run(None, feed)
             diffs.append(compare(ref, got))
         worst = max(diffs) if diffs else float("nan")
