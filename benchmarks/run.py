@@ -1,8 +1,10 @@
-"""visionpipe benchmark suite: five ratios, each measured side by side in one run.
+"""visionpipe benchmark suite: ratios, each measured side by side in one run.
 
-    python benchmarks/run.py            # full run, prints one line per figure
+    python benchmarks/run.py            # the five CPU figures, one line per figure
     python benchmarks/run.py --check    # exit 1 when a goal is missed
     python benchmarks/run.py --quick    # CI smoke version: small counts, no goal checks
+    python benchmarks/run.py --gpu      # the four GPU training figures (6-9); skipped without CUDA
+    python benchmarks/run.py --gpu-smoke  # figures 6-9 at toy sizes on any device: the code runs, no goals
 
 Every figure compares two things on the same model, images and settings, timed in
 alternation (A, B, B, A, ...) so that load from other processes hits both alike; the best
@@ -27,6 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("VISIONPIPE_PROGRESS", "0")
 
+import gpu  # noqa: E402
 import measure  # noqa: E402
 from setup_bench import Bench, image_folder, machine, prepare, preprocessed  # noqa: E402
 
@@ -146,12 +149,61 @@ def fig_memory(b: Bench, small: int, large: int, bs: int) -> Figure:
                   {"rss": rss})
 
 
+GPU_FIGURES = (6, 7, 8, 9)
+
+
+def fig_gpu_classification(root: Path, sz: gpu.Sizes, reps: int, compiled: bool) -> Figure:
+    mode = "compiled" if compiled else "eager"
+    res = alternate(reps, visionpipe=lambda: gpu.visionpipe_classification(root, sz, compiled),
+                    hand=lambda: gpu.hand_classification(sz, compiled))
+    ratio = max(res["visionpipe"]) / max(res["hand"])
+    return Figure(7 if compiled else 6, f"{sz.classifier} Trainer ÷ hand bf16+CL loop, {mode}", ratio, ">= 0.95",
+                  ratio >= 0.95, f"{max(res['visionpipe']):.0f} vs {max(res['hand']):.0f} img/s (batch {sz.batch}, "
+                  f"{sz.image}px, synthetic data on the device)", {"runs": res, "sizes": sz.__dict__})
+
+
+def fig_gpu_jpeg(root: Path, sz: gpu.Sizes, reps: int) -> Figure:
+    folder = gpu.jpeg_folder(root, sz)
+    res = alternate(reps, jpeg=lambda: gpu.visionpipe_jpeg(root, sz, folder),
+                    synthetic=lambda: gpu.visionpipe_classification(root, sz, False))
+    ratio = max(res["jpeg"]) / max(res["synthetic"])
+    return Figure(8, f"{sz.classifier} from JPEG files ÷ synthetic (visionpipe)", ratio, ">= 0.8", ratio >= 0.8,
+                  f"{max(res['jpeg']):.0f} vs {max(res['synthetic']):.0f} img/s; decode: device, "
+                  f"{sz.jpeg_size[0]}x{sz.jpeg_size[1]} JPEGs, {sz.workers} workers",
+                  {"runs": res, "sizes": sz.__dict__})
+
+
+def fig_gpu_detection(root: Path, sz: gpu.Sizes, reps: int) -> Figure:
+    ours, ref = gpu.same_detector_size(sz)
+    assert ours == ref, f"visionpipe's {sz.detector} has {ours} parameters, torchvision's {ref}"
+    res = alternate(reps, visionpipe=lambda: gpu.visionpipe_detection(root, sz), hand=lambda: gpu.hand_detection(sz))
+    ratio = max(res["visionpipe"]) / max(res["hand"])
+    return Figure(9, f"{sz.detector} Trainer ÷ hand bf16 loop", ratio, ">= 0.95", ratio >= 0.95,
+                  f"{max(res['visionpipe']):.1f} vs {max(res['hand']):.1f} img/s (batch {sz.det_batch}, "
+                  f"{sz.det_image}px, {ours:,} parameters)", {"runs": res, "sizes": sz.__dict__})
+
+
+def gpu_device(smoke: bool) -> tuple[str | None, str]:
+    """(device for the GPU figures or None to skip them, a description)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    if smoke:
+        return "cpu", f"CPU (no CUDA device): smoke run only, NOT GPU figures; torch {torch.__version__}"
+    return None, "no CUDA device (torch.cuda.is_available() is False)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; return the exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     ap.add_argument("--quick", action="store_true", help="smoke version for CI: small counts, goals not checked")
-    ap.add_argument("--only", default="1,2,3,4,5", help="figures to run, e.g. 1,3")
+    ap.add_argument("--gpu", action="store_true", help="run the GPU training figures 6-9 (skipped without CUDA)")
+    ap.add_argument("--gpu-smoke", action="store_true",
+                    help="figures 6-9 at toy sizes (ResNet-18 32px, MobileNet Faster R-CNN 160px) on CUDA or CPU: "
+                         "proves the code paths, goals not checked")
+    ap.add_argument("--only", default=None, help="figures to run, e.g. 1,3 (default 1-5; 6-9 with --gpu)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per side (default 3; quick 1)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "visionpipe-bench",
                     help="data, model and image folders (reused between runs)")
@@ -161,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
-    only = {int(x) for x in args.only.split(",") if x.strip()}
-    reps = args.reps or (1 if args.quick else 3)
+    default = "6,7,8,9" if (args.gpu or args.gpu_smoke) else "1,2,3,4,5"
+    only = {int(x) for x in (args.only or default).split(",") if x.strip()}
+    reps = args.reps or (1 if args.quick or args.gpu_smoke else 3)
     bs = 32
     n_images = 128 if args.quick else 1000
     steps = 3 if args.quick else 12
@@ -170,32 +223,60 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     t0 = time.perf_counter()
-    b = prepare(args.workdir, args.quick, args.fresh)
-    log.info("setup: %.0f s (model test top-1 %s)", b.setup_seconds, b.test_top1)
-    folder = image_folder(b, "predict", n_images)
-    print(f"visionpipe benchmarks{' (quick smoke run: goals not checked)' if args.quick else ''}: "
-          f"{b.metadata['model']} {b.metadata['input_size'][0]}x{b.metadata['input_size'][1]}, "
-          f"{len(b.metadata['class_names'])} classes; {info['cores']} cores of {info['cpu']}; "
-          f"onnxruntime {info['onnxruntime']}, torch {info['torch']}; load avg {info['load_avg_1min_at_start']:.1f}",
-          flush=True)
     figures: list[Figure] = []
-    runners = {1: lambda: fig_predict_vs_raw(b, folder, bs, reps), 2: lambda: fig_predict_vs_torch(b, folder, bs, reps),
-               3: lambda: fig_int8(b, folder, bs, reps), 4: lambda: fig_training(b, steps, bs, max(reps, 5 if not args.quick else 1)),
-               5: lambda: fig_memory(b, small, large, bs)}
-    for k in sorted(only):
-        log.info("figure %d ...", k)
-        f = runners[k]()
-        figures.append(f)
-        print(f.line(not args.quick), flush=True)
-    missed = [f for f in figures if not f.met]
+    judged: list[Figure] = []
+    b = None
+    if only - set(GPU_FIGURES):
+        b = prepare(args.workdir, args.quick, args.fresh)
+        log.info("setup: %.0f s (model test top-1 %s)", b.setup_seconds, b.test_top1)
+        folder = image_folder(b, "predict", n_images)
+        print(f"visionpipe benchmarks{' (quick smoke run: goals not checked)' if args.quick else ''}: "
+              f"{b.metadata['model']} {b.metadata['input_size'][0]}x{b.metadata['input_size'][1]}, "
+              f"{len(b.metadata['class_names'])} classes; {info['cores']} cores of {info['cpu']}; "
+              f"onnxruntime {info['onnxruntime']}, torch {info['torch']}; "
+              f"load avg {info['load_avg_1min_at_start']:.1f}", flush=True)
+        runners = {1: lambda: fig_predict_vs_raw(b, folder, bs, reps),
+                   2: lambda: fig_predict_vs_torch(b, folder, bs, reps),
+                   3: lambda: fig_int8(b, folder, bs, reps),
+                   4: lambda: fig_training(b, steps, bs, max(reps, 5 if not args.quick else 1)),
+                   5: lambda: fig_memory(b, small, large, bs)}
+        for k in sorted(only - set(GPU_FIGURES)):
+            log.info("figure %d ...", k)
+            f = runners[k]()
+            figures.append(f)
+            judged += [f] if not args.quick else []
+            print(f.line(not args.quick), flush=True)
+    gpu_figs = sorted(only & set(GPU_FIGURES))
+    if gpu_figs:
+        device, about = gpu_device(args.gpu_smoke)
+        info["gpu"] = about
+        if device is None:
+            for k in gpu_figs:
+                print(f"{k}. skipped: {about}; GPU figures need an NVIDIA GPU (see docs/benchmarks.md)", flush=True)
+        else:
+            sz = gpu.Sizes.smoke(device) if args.gpu_smoke else gpu.Sizes(device=device)
+            root = args.workdir.resolve()
+            print(f"GPU training figures{' (smoke run at toy sizes: goals not checked)' if args.gpu_smoke else ''}: "
+                  f"{about}", flush=True)
+            runners_gpu = {6: lambda: fig_gpu_classification(root, sz, reps, False),
+                           7: lambda: fig_gpu_classification(root, sz, reps, True),
+                           8: lambda: fig_gpu_jpeg(root, sz, reps), 9: lambda: fig_gpu_detection(root, sz, reps)}
+            for k in gpu_figs:
+                log.info("figure %d ...", k)
+                f = runners_gpu[k]()
+                figures.append(f)
+                judged += [f] if not args.gpu_smoke else []
+                print(f.line(not args.gpu_smoke), flush=True)
+    missed = [f for f in judged if not f.met]
     total = time.perf_counter() - t0
-    print(f"{len(figures) - len(missed)}/{len(figures)} goals met; {total:.0f} s in all")
+    print(f"{len(judged) - len(missed)}/{len(judged)} goals met; {total:.0f} s in all")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "reps": reps, "seconds": round(total, 1),
-                                         "model_test_top1": b.test_top1,
+        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "gpu_smoke": args.gpu_smoke,
+                                         "reps": reps, "seconds": round(total, 1),
+                                         "model_test_top1": b.test_top1 if b else None,
                                          "figures": [f.__dict__ for f in figures]}, indent=2, default=str))
-    return 1 if (args.check and not args.quick and missed) else 0
+    return 1 if (args.check and missed) else 0
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import albumentations as A
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from visionpipe.config import Block
 from visionpipe.errors import did_you_mean
@@ -38,24 +38,28 @@ def build_transform(spec: dict[str, Any]) -> Any:
         raise ValueError(f"{name}: invalid arguments {args}: {' '.join(msg[:3])}") from None
 
 
+def validate_transforms(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check that every spec builds; the error names the item's index."""
+    for i, t in enumerate(specs):
+        try:
+            build_transform(t)
+        except ValueError as e:
+            raise ValueError(f"[{i}] {e}") from None
+    return specs
+
+
+TransformList = Annotated[list[dict[str, Any]], AfterValidator(validate_transforms)]
+"""A config field holding albumentations transforms by name, checked when the config loads."""
+
+
 class AugmentConfig(Block):
     """Augmentation: albumentations transforms by name for train and eval, then resize + normalize."""
 
     image_size: tuple[int, int] = Field((224, 224), description="(height, width) fed to the model")
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="normalization mean (RGB, 0..1)")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="normalization std (RGB, 0..1)")
-    train: list[dict[str, Any]] = Field(default_factory=list, description="train-time transforms, in order")
-    eval: list[dict[str, Any]] = Field(default_factory=list, description="eval/predict-time transforms before resize")
-
-    @field_validator("train", "eval")
-    @classmethod
-    def _valid(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, t in enumerate(v):
-            try:
-                build_transform(t)
-            except ValueError as e:
-                raise ValueError(f"[{i}] {e}") from None
-        return v
+    train: TransformList = Field(default_factory=list, description="train-time transforms, in order")
+    eval: TransformList = Field(default_factory=list, description="eval/predict-time transforms before resize")
 
     @field_validator("image_size")
     @classmethod
@@ -68,6 +72,15 @@ class AugmentConfig(Block):
 def compose(specs: list[dict[str, Any]], tail: list[Any], **kw: Any) -> A.Compose:
     """A Compose of the user's transforms followed by ``tail`` (resize/normalize)."""
     return A.Compose([build_transform(s) for s in specs] + tail, **kw)
+
+
+def apply_transforms(data: Any, cfg: AugmentConfig, train: A.Compose, eval: A.Compose) -> dict[str, list[str]]:
+    """Give the train split ``train`` and val/test ``eval``; return the transform names applied."""
+    for split in ("train", "val", "test"):
+        ds = getattr(data, split)
+        if ds is not None:
+            ds.transform = train if split == "train" else eval
+    return {"train": [t.get("name") for t in cfg.train], "eval": [t.get("name") for t in cfg.eval]}
 
 
 def resize_normalize(cfg: AugmentConfig) -> list[Any]:

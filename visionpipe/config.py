@@ -98,7 +98,8 @@ class TrainConfig(Block):
         "transforms in DataLoader workers) or 'device' (workers only read JPEG bytes; decoding and "
         "resize/crop/flip/normalize run on the training device: nvJPEG on CUDA, torchvision on CPU); "
         "for image-label datasets, see docs/distributed.md")
-    log_every: int = Field(10, gt=0, description="steps between TensorBoard scalars")
+    log_every: int = Field(10, gt=0, description="steps between TensorBoard scalars (on CUDA also between reads "
+                           "of the loss on the host, which wait for the GPU)")
     tensorboard: bool = Field(True, description="write TensorBoard event files to <run>/tb")
 
     @model_validator(mode="after")

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from visionpipe.augment import AugmentConfig, compose, deserialize, resize_normalize, serialize
+from visionpipe.augment import (
+    AugmentConfig,
+    apply_transforms,
+    compose,
+    deserialize,
+    resize_normalize,
+    serialize,
+)
 from visionpipe.errors import VisionpipeError
 from visionpipe.plots import plot_confusion
 from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
@@ -59,13 +66,7 @@ class ClassificationTask(Task):
     def augment(self, data: DataBundle) -> dict[str, Any]:
         """Train transforms on train; eval transforms (resize + normalize) on val/test."""
         cfg = self._augment_cfg()
-        train_t = compose(cfg.train, resize_normalize(cfg))
-        eval_t = self.eval_transform()
-        for split in ("train", "val", "test"):
-            ds = getattr(data, split)
-            if ds is not None:
-                ds.transform = train_t if split == "train" else eval_t
-        return {"train": [t.get("name") for t in cfg.train], "eval": [t.get("name") for t in cfg.eval]}
+        return apply_transforms(data, cfg, compose(cfg.train, resize_normalize(cfg)), self.eval_transform())
 
     def eval_transform(self) -> Any:
         """The eval/predict preprocessing (recorded in the exported model)."""

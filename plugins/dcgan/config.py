@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from visionpipe.augment import build_transform
+from visionpipe.augment import TransformList
 from visionpipe.config import Block, EvaluateConfig, OptimizerConfig, PipelineConfig, TrainConfig
 
 
@@ -37,23 +37,13 @@ class DcganAugmentConfig(Block):
     image_size: int = Field(64, description="side of the square images (a power of two >= 16)")
     resize: Literal["center_crop", "stretch"] = Field(
         "center_crop", description="center_crop: shorter side to image_size then a centre crop; stretch: resize")
-    train: list[dict[str, Any]] = Field(default_factory=list, description="albumentations transforms, in order")
+    train: TransformList = Field(default_factory=list, description="albumentations transforms, in order")
 
     @field_validator("image_size")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
         if v < 16 or v & (v - 1):
             raise ValueError("must be a power of two >= 16: the DCGAN doubles a 4x4 map up to it")
-        return v
-
-    @field_validator("train")
-    @classmethod
-    def _valid(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, t in enumerate(v):
-            try:
-                build_transform(t)
-            except ValueError as e:
-                raise ValueError(f"[{i}] {e}") from None
         return v
 
 

@@ -117,9 +117,9 @@ def loop_over_batch(model: Any, input_name: str = "images", row_shapes: dict[str
     body.CopyFrom(graph)
     del body.initializer[:], body.sparse_initializer[:], body.input[:], body.output[:], body.node[:]
     body.name = "body"
-    body.node.extend([const("loop/axis0", 0), const("loop/one", 1), on_axis0("Unsqueeze", "loop/i", "loop/start"),
-                      helper.make_node("Add", ["loop/start", "loop/one"], ["loop/end"]),
-                      helper.make_node("Slice", ["loop/outer", "loop/start", "loop/end", "loop/axis0"], [input_name]),
+    # Gather + Unsqueeze rather than Slice: the slice's leading 1 stays known, so shape-based folding still works
+    body.node.extend([const("loop/axis0", 0), helper.make_node("Gather", ["loop/outer", "loop/i"], ["loop/sample"], axis=0),
+                      on_axis0("Unsqueeze", "loop/sample", input_name),
                       *graph.node,
                       helper.make_node("Identity", ["loop/cond_in"], ["loop/cond_out"]),
                       *(on_axis0("Squeeze", o.name, o.name + "/row") for o in traced_outputs)])
@@ -132,7 +132,7 @@ def loop_over_batch(model: Any, input_name: str = "images", row_shapes: dict[str
                        helper.make_tensor_value_info("loop/cond_in", TensorProto.BOOL, [])])
     body.output.extend([helper.make_tensor_value_info("loop/cond_out", TensorProto.BOOL, []), *row_outputs])
     rename(body)
-    body.node[4].input[0] = input_name  # the one name the body reads from the outer graph, besides the weights
+    body.node[1].input[0] = input_name  # the one name the body reads from the outer graph, besides the weights
 
     outer_input = onnx.ValueInfoProto()
     outer_input.CopyFrom(inputs[0])

@@ -159,14 +159,16 @@ class DetectionTask(Task):
     def export_spec(self, model: nn.Module, data: DataBundle | None, info: dict[str, Any],
                     num_parity: int) -> ExportSpec:
         """Images (N, 3, H, W) in, padded boxes/labels/scores and counts out; dynamic N, H and W; parity on a
-        batch of real val images and on each of them alone."""
+        batch of real val images, on the first alone and on any whose size differs from the batch's."""
         m = self._model_cfg()
         parity: list[tuple[torch.Tensor, ...]] = []
         ds = (data.val or data.test or data.train) if data else None
         if ds is not None and num_parity:
             plain = DetectionDataset(ds.records)
             images = [plain[i][0] for i in range(min(len(plain), num_parity))]
-            parity = ([(pad_stack(images),)] if len(images) > 1 else []) + [(im[None],) for im in images]
+            batch = pad_stack(images)  # padding only when sizes differ: the alone ones check those unpadded
+            alone = [im for i, im in enumerate(images) if i == 0 or im.shape != batch.shape[1:]]
+            parity = ([(batch,)] if len(images) > 1 else []) + [(im[None],) for im in alone]
         example = parity[-1] if parity else (torch.rand(1, 3, m.min_size, m.min_size),)
         module = ExportedDetector(model.eval())
         meta = {"task": self.name, "class_names": info["class_names"], "category_ids": info["category_ids"],
@@ -176,9 +178,10 @@ class DetectionTask(Task):
                                                    f"max_size {m.max_size}, normalize with image_mean/image_std",
                                "min_size": m.min_size, "max_size": m.max_size,
                                "image_mean": list(m.image_mean), "image_std": list(m.image_std)},
-                "outputs": f"boxes (N, K, 4) xyxy in input pixels, labels (N, K) int64 (1..C, see class_names), "
-                           f"scores (N, K), num_detections (N,) int64; K = max_detections = {module.max_detections}: "
-                           "image i's detections are its first num_detections[i] rows, the rest is zero padding",
+                "output_layout": f"boxes (N, K, 4) xyxy in input pixels, labels (N, K) int64 (1..C, see "
+                                 f"class_names), scores (N, K), num_detections (N,) int64; K = max_detections = "
+                                 f"{module.max_detections}: image i's detections are its first num_detections[i] "
+                                 "rows, the rest is zero padding",
                 "max_detections": module.max_detections,
                 "score_threshold": m.box_score_thresh, "nms_threshold": m.box_nms_thresh,
                 "draw_threshold": m.draw_score_thresh, "ground_truth": info.get("ground_truth", [])}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from visionpipe.augment import AugmentConfig, compose, resize_normalize, serialize
+from visionpipe.augment import AugmentConfig, apply_transforms, compose, resize_normalize, serialize
 from visionpipe.errors import VisionpipeError
 from visionpipe.plots import plot_confusion, save_image_grid
 from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
@@ -71,13 +71,7 @@ class SegmentationTask(Task):
     def augment(self, data: DataBundle) -> dict[str, Any]:
         """Train transforms on train; eval transforms (resize + normalize) on val/test. Masks follow each one."""
         cfg = self._augment_cfg()
-        train_t = compose(cfg.train, resize_normalize(cfg))
-        eval_t = self.eval_transform()
-        for split in ("train", "val", "test"):
-            ds = getattr(data, split)
-            if ds is not None:
-                ds.transform = train_t if split == "train" else eval_t
-        return {"train": [t.get("name") for t in cfg.train], "eval": [t.get("name") for t in cfg.eval]}
+        return apply_transforms(data, cfg, compose(cfg.train, resize_normalize(cfg)), self.eval_transform())
 
     def eval_transform(self, size: tuple[int, int] | None = None) -> A.Compose:
         """The eval/predict preprocessing (recorded in the exported model); ``size`` overrides image_size."""

@@ -28,11 +28,16 @@ def coco_doc(images: list[dict], annotations: list[dict], categories: list[dict]
             "categories": categories or [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
 
 
-@pytest.fixture
-def shapes_root(tmp_path: Path) -> Path:
+def tiny_shapes(root: Path) -> Path:
     """The built-in generator at a tiny size: root/images/{split}/*.png + root/annotations/{split}.json."""
     cfg = GenerateConfig(train=6, val=3, test=3, image_size=48, objects=(1, 2), empty_fraction=0.2, seed=1)
-    return generate_shapes(tmp_path / "shapes", cfg)
+    return generate_shapes(root, cfg)
+
+
+@pytest.fixture
+def shapes_root(tmp_path: Path) -> Path:
+    """A tiny shapes dataset (:func:`tiny_shapes`) for one test."""
+    return tiny_shapes(tmp_path / "shapes")
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.detection.conftest import tiny_shapes
 from visionpipe.cli import app
 from visionpipe.export.onnx import export_onnx, read_metadata
-from visionpipe.infer.backends import open_backend
+from visionpipe.infer.backends import Backend, TorchBackend, open_backend
 from visionpipe.task import DataBundle
 from visionpipe_plugins.detection import cli as det_cli
 from visionpipe_plugins.detection.config import DetectionConfig
@@ -39,21 +40,24 @@ def _task(root: Path) -> DetectionTask:
     return DetectionTask(cfg, None)
 
 
-@pytest.fixture
-def exported(shapes_root: Path, tmp_path: Path) -> tuple[Path, DetectionTask, DataBundle, torch.nn.Module]:
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DetectionTask, DataBundle, torch.nn.Module, Path]:
+    """One tiny detector, exported once for the module: (model.onnx, task, data, model, dataset root)."""
+    tmp_path = tmp_path_factory.mktemp("exported")
+    root = tiny_shapes(tmp_path / "shapes")
     torch.manual_seed(0)
-    task = _task(shapes_root)
+    task = _task(root)
     data = task.build_data()
     model = task.build_model(data.info).eval()
     spec = task.export_spec(model, data, data.info, 3)
-    assert [args[0].shape[0] for args in spec.parity_inputs] == [3, 1, 1, 1]  # a real batch, then each image alone
+    assert [args[0].shape[0] for args in spec.parity_inputs] == [3, 1]  # a real batch, then one image alone
     report = export_onnx(spec, tmp_path / "model.onnx", opset=17, tolerance=1e-3)
-    assert report["parity_inputs"] == 4 and report["max_abs_diff"] <= 1e-3
-    return tmp_path / "model.onnx", task, data, model
+    assert report["parity_inputs"] == 2 and report["max_abs_diff"] <= 1e-3
+    return tmp_path / "model.onnx", task, data, model, root
 
 
 def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch_on_any_size(exported) -> None:
-    path, task, data, model = exported
+    path, task, data, model, _ = exported
     onnx.checker.check_model(str(path), full_check=True)
     meta = read_metadata(path)
     assert meta["class_names"] == ["circle", "square", "triangle", "cross"] and meta["category_ids"] == [1, 2, 3, 4]
@@ -121,27 +125,33 @@ def test_parity_compare_catches_missing_and_moved_detections() -> None:
     assert make_compare(0.05)(batch, padded) == float("inf")  # different number of images
 
 
-def _predict_folder(exported, folder: Path, out: Path, batch_size: int) -> tuple[list[dict], list[int]]:
-    """Predict a folder through the ONNX backend; (records, the batch sizes the model was fed)."""
-    path, *_ = exported
-    backend, meta = open_backend(str(path), device="cpu")
+def _predict_folder(backend: Backend, meta: dict, folder: Path, out: Path, batch_size: int) -> tuple[list[dict], list[int]]:
+    """Predict a folder as `visionpipe predict` does; (records, the batch sizes the model was fed)."""
     fed: list[int] = []
     run = backend.run
     backend.run = lambda feed: fed.append(len(feed["images"])) or run(feed)
     DetectionTask.predict(backend, meta, str(folder), out, {"batch_size": batch_size, "workers": 0})
+    backend.run = run
     recs = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     return recs, fed
 
 
-def test_predict_in_batches_gives_the_single_image_predictions(exported, shapes_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
+def test_predict_in_batches_gives_the_single_image_predictions(exported, tmp_path: Path, kind: str) -> None:
+    path, task, data, model, root = exported
+    if kind == "onnxruntime":
+        backend, meta = open_backend(str(path), device="cpu")
+    else:  # what `predict` builds from a .pt checkpoint: the export module, run eagerly
+        spec = task.export_spec(model, None, data.info, 0)
+        backend, meta = TorchBackend(spec.module, spec.input_names, "cpu"), {**spec.metadata, "outputs": spec.output_names}
     folder = tmp_path / "photos"
     folder.mkdir()
-    images = sorted((shapes_root / "images").rglob("*.png"))[:5]
+    images = sorted((root / "images").rglob("*.png"))[:5]
     for i, p in enumerate(images):  # in name order: three 48 x 48, one 40 x 56, then 48 x 48 again
         img = cv2.imread(str(p))
         cv2.imwrite(str(folder / f"{i}.png"), cv2.resize(img, (56, 40)) if i == 3 else img)
-    one, fed_one = _predict_folder(exported, folder, tmp_path / "one", 1)
-    many, fed_many = _predict_folder(exported, folder, tmp_path / "many", 8)
+    one, fed_one = _predict_folder(backend, meta, folder, tmp_path / "one", 1)
+    many, fed_many = _predict_folder(backend, meta, folder, tmp_path / "many", 8)
     assert fed_one == [1] * 5 and fed_many == [3, 1, 1]  # consecutive images of one size share a batch
     assert [r["path"] for r in one] == [r["path"] for r in many] and len(one) == 5
     for a, b in zip(one, many, strict=True):
@@ -201,8 +211,8 @@ def test_evaluate_coco_command(shapes_root: Path, tmp_path: Path) -> None:
         det_cli.evaluate_coco_files(bad, gt_file)
 
 
-def test_predictor_records_drawing_and_coco_results_that_load(exported, shapes_root: Path, tmp_path: Path) -> None:
-    path, *_ = exported
+def test_predictor_records_drawing_and_coco_results_that_load(exported, tmp_path: Path) -> None:
+    path, *_, shapes_root = exported
     meta = read_metadata(path)
     pred = DetectionPredictor(meta, {"draw_threshold": 0.0})
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

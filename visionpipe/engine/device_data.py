@@ -135,7 +135,8 @@ class EncodedImages(Dataset):
         if _plain_jpeg(data):
             item = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
-            item = torch.from_numpy(read_image(path))  # HWC uint8, decoded as the ordinary path does
+            pixels = read_image(path)  # HWC uint8, decoded as the ordinary path does
+            item = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
         rng = np.random.default_rng(np.random.SeedSequence([self.aug_seed, self.aug_epoch, i]))
         return item, torch.from_numpy(rng.random(_N_PARAMS)), label
 

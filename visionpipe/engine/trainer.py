@@ -286,9 +286,9 @@ class Trainer:
                 self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 if dist.is_main():
                     state = self.state_dict()
-                    save_checkpoint(state, ctx.run_dir / "checkpoints" / "last.pt")
-                    if improved:
+                    if improved:  # best before last: a kill in between must not leave last.pt ahead of best.pt
                         save_checkpoint(state, ctx.run_dir / "checkpoints" / "best.pt")
+                    save_checkpoint(state, ctx.run_dir / "checkpoints" / "last.pt")
                     ctx.append_epoch_metrics(self.history[-1])
                     if writer:
                         for k, v in self.history[-1].items():
@@ -348,6 +348,8 @@ class Trainer:
         meter = Meter()
         bar = progress.add_task(f"epoch {epoch + 1}", total=len(loader), info="", )
         opt_ctx = OptimizationContext(self.optimizers, self.scaler, self._autocast, cfg.grad_clip)
+        # reading a loss on the host waits for the GPU; on CUDA do it every log_every batches, not every batch
+        read_every = cfg.log_every if self.device.type == "cuda" else 1
         n_images, t0 = 0, time.perf_counter()
         for i, batch in enumerate(loader):
             batch = to_device(batch, self.device, self.non_blocking)
@@ -357,9 +359,8 @@ class Trainer:
             for w in self.warmups.values():
                 w.step(self.global_step)
             if task.manual_optimization:
-                values = task.train_step(self.train_module, batch, opt_ctx)
+                values: dict[str, Any] = task.train_step(self.train_module, batch, opt_ctx)
                 opt_ctx.finish()
-                self._check_finite(values, epoch, i)
                 self.global_step += 1
             else:
                 values = self._auto_step(batch, i, len(loader), epoch)
@@ -367,17 +368,22 @@ class Trainer:
                 self.ema.update_parameters(self.model)
             n = task.batch_size_of(batch)
             n_images += n
-            meter.update(values, n)
+            meter.update(values, n)  # tensors stay on the device: no wait here
+            if (i + 1) % read_every == 0 or i + 1 == len(loader):
+                self._check_finite({k: float(v) for k, v in values.items()}, epoch, i)
+                progress.update(bar, info=fmt({**meter.averages(),
+                                               "img/s": n_images / max(time.perf_counter() - t0, 1e-9)}))
             if writer and self.global_step % cfg.log_every == 0 and dist.is_main():
                 for k, v in values.items():
-                    writer.add_scalar(f"step/{k}", v, self.global_step)
-            progress.update(bar, advance=1, info=fmt({**meter.averages(),
-                                                       "img/s": n_images / max(time.perf_counter() - t0, 1e-9)}))
+                    writer.add_scalar(f"step/{k}", float(v), self.global_step)
+            progress.update(bar, advance=1)
         progress.remove_task(bar)
+        averages = meter.averages()
+        self._check_finite(averages, epoch, len(loader) - 1)  # a bad batch between two reads shows here
         totals = dist.all_reduce_sum(meter.totals(), self.device)
         return Meter.averages_from_totals(totals)
 
-    def _auto_step(self, batch: Any, i: int, n_batches: int, epoch: int) -> dict[str, float]:
+    def _auto_step(self, batch: Any, i: int, n_batches: int, epoch: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         accum = cfg.grad_accum
         sync = (i + 1) % accum == 0 or i + 1 == n_batches
@@ -388,8 +394,9 @@ class Trainer:
                 losses = self.task.training_step(self.train_module, batch)
             if "loss" not in losses:
                 raise VisionpipeError(f"task {self.task.name}: training_step must return a dict with 'loss'")
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            self._check_finite(values, epoch, i)
+            values = {k: v.detach() for k, v in losses.items()}
+            if self.device.type != "cuda":  # free on CPU: stop before a non-finite loss reaches the weights
+                self._check_finite({k: float(v) for k, v in values.items()}, epoch, i)
             self.scaler.scale(losses["loss"] / accum).backward()
         if sync:
             opt = self.optimizers["main"]
