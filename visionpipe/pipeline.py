@@ -226,16 +226,17 @@ def stage_train(ctx: RunContext) -> dict[str, Any]:
     else:
         trainer.fit(ctx.data.train, ctx.data.val, ctx.data.collate_fn)
     dist.barrier()
-    best = ctx.run_dir / "checkpoints" / "best.pt"
-    state = load_checkpoint(best, map_location=ctx.device)
-    ctx.model.load_state_dict(state.get("ema") or state["model"])
+    if dist.is_main():  # other nodes may not see the run folder: rank 0 reads best.pt and sends the weights
+        state = load_checkpoint(ctx.run_dir / "checkpoints" / "best.pt", map_location=ctx.device)
+        ctx.model.load_state_dict(state.get("ema") or state["model"])
+    dist.broadcast_module(ctx.model)
     ctx.metrics.update({"train/epochs": trainer.epoch, "train/best_" + trainer.monitor: trainer.best})
     return {"epochs": trainer.epoch, "best": trainer.best, "monitor": trainer.monitor}
 
 
 def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     """Score the model on the evaluation split; write metrics.json and plots."""
-    from visionpipe.engine.trainer import make_loader
+    from visionpipe.engine.loaders import make_loader
     from visionpipe.plots import plot_history
 
     if not dist.is_main():
@@ -369,6 +370,9 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
     distributed = dist.init_distributed(device)
     if distributed:
         run_path = Path(dist.broadcast_object(str(run_path)))
+        if resume:  # every rank must restart from the same epoch, or their collectives would not match
+            dist.ensure_same(resume_state.get("epoch") if resume_state else None, "the epoch of checkpoints/last.pt",
+                             "resume under torchrun needs the run folder on a file system every node sees")
     seed_everything(cfg.seed + dist.rank())
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

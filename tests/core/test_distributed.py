@@ -58,7 +58,7 @@ COLLECTIVES = """\
 import json, sys
 import torch
 from visionpipe.engine import distributed as dist
-from visionpipe.engine.trainer import EpochSampler
+from visionpipe.engine.loaders import EpochSampler
 
 assert dist.init_distributed(torch.device("cpu"))
 r = dist.rank()

@@ -78,3 +78,16 @@ def test_speed_options_train_on_cpu(tmp_path, tiny_pipeline):
     assert all(0 <= h["train/loss"] < 10 for h in hist)
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["ema"] is not None and ckpt["global_step"] == 2, "2 epochs x 2 batches / grad_accum 2"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_speed_options_train_on_cuda(tmp_path, tiny_pipeline):
+    p = tiny_pipeline(epochs=2)
+    run_cli("run", str(p), "--run-dir", "r", "--set", "device=cuda", "--set", "train.amp=fp16",
+            "--set", "train.channels_last=true", "--set", "train.cudnn_benchmark=true", "--set", "train.pin_memory=true",
+            "--set", "train.num_workers=2", "--set", "train.persistent_workers=true", "--set", "train.ema=0.5",
+            "--set", "train.compile=true", cwd=tmp_path, timeout=600)
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["scaler"], "fp16 trains with a gradient scaler"

@@ -119,6 +119,25 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def ensure_same(value: Any, what: str, hint: str = "") -> None:
+    """Raise the same VisionpipeError on every rank unless all ranks hold an equal ``value``."""
+    if not is_distributed():
+        return
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise VisionpipeError(f"{what} differs between ranks ({', '.join(f'rank {i}: {v}' for i, v in enumerate(values))})"
+                              + (f"; {hint}" if hint else ""))
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Overwrite ``module``'s parameters and buffers with rank 0's, in place (no-op alone)."""
+    if not is_distributed():
+        return
+    for t in module.state_dict().values():
+        dist.broadcast(t, src=0)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not is_distributed():
