@@ -33,7 +33,7 @@ import gpu  # noqa: E402
 import measure  # noqa: E402
 from setup_bench import Bench, image_folder, machine, prepare, preprocessed  # noqa: E402
 
-from visionpipe.infer.backends import usable_cores  # noqa: E402
+from visionpipe.infer.backends import split_cores  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -56,6 +56,12 @@ class Figure:
         return f"{self.number}. {self.title:<46} {self.ratio:6.2f}  (goal {self.goal:<7}) {verdict:<6}  {self.detail}"
 
 
+def predict_session() -> dict[str, Any]:
+    """The model-runner settings `visionpipe predict` picks on this machine (streams x threads, no spinning)."""
+    streams, threads = split_cores(None, None, False)
+    return {"streams": streams, "threads": threads, "spinning": False}
+
+
 def alternate(reps: int, **runs: Any) -> dict[str, list[float]]:
     """Call each zero-argument function ``reps`` times, alternating the order every repetition."""
     names = list(runs)
@@ -74,7 +80,7 @@ def fig_predict_vs_raw(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
         reps,
         predict=lambda: measure.visionpipe_predict(b.onnx, folder, out, bs)["images_per_second"],
         raw_ort_defaults=lambda: measure.raw_onnxruntime(b.onnx, x, bs),
-        raw_predict_options=lambda: measure.raw_onnxruntime(b.onnx, x, bs, threads=usable_cores(), spinning=False),
+        raw_predict_options=lambda: measure.raw_onnxruntime(b.onnx, x, bs, **predict_session()),
     )
     limit = max(max(res["raw_ort_defaults"]), max(res["raw_predict_options"]))  # the faster of the two
     ratio = max(res["predict"]) / limit
@@ -98,7 +104,7 @@ def fig_predict_vs_torch(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
 
 def fig_int8(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
     x = preprocessed(b, folder)
-    opts = {"threads": usable_cores(), "spinning": False}  # predict's session settings, for both
+    opts = predict_session()  # predict's session settings, for both
     res = alternate(reps, int8=lambda: measure.raw_onnxruntime(b.int8, x, bs, **opts),
                     fp32=lambda: measure.raw_onnxruntime(b.onnx, x, bs, **opts))
     ratio = max(res["int8"]) / max(res["fp32"])

@@ -99,6 +99,39 @@ def deserialize(d: dict[str, Any]) -> A.Compose:
     return A.from_dict(d)
 
 
+class EvalTransform:
+    """A stored eval transform as ``image (HWC uint8) -> CHW float32`` for the model, the same values faster.
+
+    albumentations' Normalize rebuilds its 256-entry lookup tables on every call; a trailing
+    standard Normalize (always applied) gets its tables built once here, from the same float32
+    formula, so the values are identical. Other pipelines run exactly as stored.
+    """
+
+    def __init__(self, transform: A.Compose) -> None:
+        self.transform = transform
+        steps = list(transform.transforms)
+        last = steps[-1] if steps else None
+        self.lut: np.ndarray | None = None
+        if isinstance(last, A.Normalize) and last.normalization == "standard" and last.p >= 1.0:
+            mean = np.asarray(last.mean_np, np.float32).reshape(-1, 1)
+            den = np.asarray(last.denominator, np.float32).reshape(-1, 1)
+            tables = (np.arange(256, dtype=np.float32) - mean) * den  # (channels or 1, 256), as albucore
+            self.lut = np.ascontiguousarray(tables.T[:, None, :])  # (256, 1, channels) for cv2.LUT
+            self.head = A.Compose(steps[:-1]) if len(steps) > 1 else None
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """The model input for one image."""
+        lut = self.lut
+        if lut is not None and image.dtype == np.uint8 and image.ndim == 3 and lut.shape[2] in (1, image.shape[2]):
+            import cv2
+
+            x = self.head(image=image)["image"] if self.head is not None else image
+            if x.dtype == np.uint8 and x.ndim == 3 and lut.shape[2] in (1, x.shape[2]):
+                return np.ascontiguousarray(cv2.LUT(x, lut).transpose(2, 0, 1), dtype=np.float32)
+        x = self.transform(image=image)["image"]
+        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
 class SeededAugmentation:
     """Dataset mixin: augmentation randomness depends only on (run seed, epoch, sample index).
 

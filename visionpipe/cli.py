@@ -190,9 +190,10 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per image (classification).")] = 5,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write images with predictions drawn.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: process every N-th input from I (default: from torchrun's RANK/WORLD_SIZE).")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoder threads/processes (default: cores; 0 = decode in the main thread).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoder threads/processes (default: cores, or cores/4 for a model on the CPU; 0 = decode in the main thread).")] = None,
     decode: Annotated[str, typer.Option("--decode", help="Decode in 'threads' or 'processes'.")] = "threads",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Model threads (onnxruntime intra-op / torch); default: cores.")] = None,
+    streams: Annotated[int | None, typer.Option("--streams", min=1, help="Batches the model runs at once (default: cores for onnxruntime on the CPU, 1 for torch on the CPU, 2 on a GPU).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Model threads per stream (onnxruntime intra-op / torch); default: cores / streams.")] = None,
     graph_opt: Annotated[str, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all.")] = "all",
     spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let onnxruntime threads busy-wait (faster only when nothing else needs the cores).")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="torch backend: autocast (fp16 on CUDA, bf16 on CPU).")] = False,
@@ -214,6 +215,7 @@ def predict(
     if device not in ("cpu", "cuda", "auto"):
         raise VisionpipeError(f"--device {device}: use cpu, cuda or auto")
     backend, metadata = open_backend(str(model), device=device, backend=backend_name, threads=threads,
+                                     streams=streams,
                                      graph_optimization=graph_opt, spinning=spinning, amp=amp)
     task_cls = get_manager().task(metadata.get("task", "?"))
     opts = {"batch_size": batch_size, "top_k": top_k, "save_images": save_images, "shard": shard,

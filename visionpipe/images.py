@@ -42,13 +42,75 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, height, width, components) from a JPEG's start-of-frame segment, or None."""
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            return data[i + 4], int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), \
+                data[i + 9]
+        if marker == 0xDA:  # start of scan before any frame header: malformed
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _fast_decodable(data: bytes) -> bool:
+    """True for the common files OpenCV decodes to exactly the pixels of the general (PIL) path.
+
+    8-bit grey or RGB PNGs without transparency or an EXIF chunk (lossless: any decoder gives
+    the same pixels), and complete 8-bit grey or YCbCr JPEGs (PIL and OpenCV both use
+    libjpeg-turbo; EXIF orientation is applied by both). Everything else, and anything odd,
+    takes the general path, which also gives the error messages.
+    """
+    if data.startswith(_PNG) and len(data) > 33 and data[12:16] == b"IHDR":
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return (data[24] == 8 and data[25] in (0, 2) and b"tRNS" not in data and b"eXIf" not in data
+                and 0 < w * h <= (Image.MAX_IMAGE_PIXELS or 0))
+    if data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9") and b"Adobe" not in data[:4096]:
+        frame = _jpeg_frame(data)
+        return (frame is not None and frame[0] == 8 and frame[3] in (1, 3)
+                and 0 < frame[1] * frame[2] <= (Image.MAX_IMAGE_PIXELS or 0))
+    return False
+
+
+def _decode_fast(data: bytes) -> np.ndarray | None:
+    """RGB uint8 pixels via OpenCV (about 1.5-2x faster than PIL), or None to take the general path."""
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
     """Decode ``path`` to an HxWx3 (RGB) or HxW (L) uint8 array with EXIF orientation applied.
 
     Grayscale, palette, RGBA (alpha dropped onto black), CMYK, 16-bit and float images all
     come out the same way. Raises ImageReadError with the reason when it cannot be read.
+    Plain 8-bit PNGs and JPEGs are decoded by OpenCV, to the same pixels.
     """
     path = str(path)
+    if mode == "RGB":
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ImageReadError(path, "file not found") from None
+        except OSError as e:
+            raise ImageReadError(path, f"cannot read: {e}") from None
+        arr = _decode_fast(data) if _fast_decodable(data) else None
+        if arr is not None:
+            return _check_size(path, arr)
     try:
         with Image.open(path) as im:
             im.load()
@@ -70,6 +132,10 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
         raise ImageReadError(path, f"image too large: {e}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
         raise ImageReadError(path, f"cannot decode: {e}") from None
+    return _check_size(path, arr)
+
+
+def _check_size(path: str, arr: np.ndarray) -> np.ndarray:
     if arr.ndim < 2 or min(arr.shape[:2]) < MIN_SIDE:
         raise ImageReadError(path, f"image too small ({arr.shape[1]}x{arr.shape[0]}); at least {MIN_SIDE}px a side")
     return np.ascontiguousarray(arr)

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from visionpipe.augment import (
     AugmentConfig,
+    EvalTransform,
     apply_transforms,
     compose,
     deserialize,
@@ -183,13 +184,13 @@ class ClassificationPredictor(Predictor):
 
     def __init__(self, metadata: dict[str, Any], options: dict[str, Any]) -> None:
         super().__init__(metadata, options)
-        self.transform = deserialize(metadata["preprocess"])
+        self.transform = EvalTransform(deserialize(metadata["preprocess"]))
         self.names = metadata["class_names"]
         self.k = min(int(options.get("top_k") or 5), len(self.names))
 
     def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
-        x = self.transform(image=image)["image"].transpose(2, 0, 1).astype(np.float32)
-        return {"images": np.ascontiguousarray(x)}, None
+        x = self.transform(image)
+        return {"images": x}, None
 
     def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
         probs = outputs[1]

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from visionpipe.augment import deserialize
+from visionpipe.augment import EvalTransform, deserialize
 from visionpipe.io import atomic_path
 from visionpipe.task import Predictor
 from visionpipe_plugins.segmentation.masks import overlay, voc_palette, write_mask
@@ -70,7 +70,7 @@ class SegmentationPredictor(Predictor):
 
     def __init__(self, metadata: dict[str, Any], options: dict[str, Any]) -> None:
         super().__init__(metadata, options)
-        self.transform = deserialize(metadata["preprocess"])
+        self.transform = EvalTransform(deserialize(metadata["preprocess"]))
         self.names: list[str] = metadata["class_names"]
         self.palette = metadata.get("palette") or voc_palette(len(self.names))
         self.alpha = float(options.get("alpha", 0.5))
@@ -79,8 +79,8 @@ class SegmentationPredictor(Predictor):
         self.source_root = Path(root) if root else None
 
     def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
-        x = self.transform(image=image)["image"].transpose(2, 0, 1).astype(np.float32)
-        return {"images": np.ascontiguousarray(x)}, image.shape[:2]
+        x = self.transform(image)
+        return {"images": x}, image.shape[:2]
 
     def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
         mask = upsample_argmax(outputs[0], state)

@@ -112,3 +112,57 @@ def test_check_images_splits_good_and_bad_without_touching_files(tmp_path):
     assert ok == [str(good)]
     assert [b.path for b in skipped] == [str(bad)] and skipped[0].reason
     assert bad.read_bytes() == before
+
+
+def pil_reference(path) -> np.ndarray:
+    """The general path by hand: PIL decode, EXIF orientation, RGB."""
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def photo(h=48, w=64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, h * w * 3).reshape(h, w, 3)
+    return (ramp + rng.integers(0, 60, (h, w, 3))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name, save", [
+    ("rgb.png", {}), ("grey.png", {"grey": True}), ("optimized.png", {"optimize": True}),
+    ("q90.jpg", {"quality": 90}), ("444.jpg", {"quality": 75, "subsampling": 0}),
+    ("progressive.jpg", {"quality": 95, "progressive": True}), ("grey.jpg", {"grey": True}),
+    *[(f"exif{o}.jpg", {"orientation": o}) for o in range(1, 9)],
+])
+def test_fast_decoder_gives_the_same_pixels_as_pil(tmp_path, name, save):
+    from visionpipe.images import _fast_decodable
+
+    save = dict(save)
+    img = Image.fromarray(photo()[..., 0] if save.pop("grey", False) else photo())
+    if "orientation" in save:
+        exif = img.getexif()
+        exif[0x0112] = save.pop("orientation")
+        save["exif"] = exif
+    p = tmp_path / name
+    img.save(p, **save)
+    assert _fast_decodable(p.read_bytes())  # this file takes the OpenCV path...
+    assert np.array_equal(read_image(p), pil_reference(p))  # ...and gets exactly PIL's pixels
+
+
+def test_unusual_files_take_the_general_path(tmp_path):
+    from visionpipe.images import _fast_decodable
+
+    cases = {"rgba.png": Image.fromarray(np.dstack([photo(), np.full((48, 64), 128, np.uint8)]), mode="RGBA"),
+             "palette.png": Image.fromarray(photo()).convert("P"),
+             "cmyk.jpg": Image.fromarray(photo()).convert("CMYK"),
+             "deep.png": Image.fromarray(photo()[..., 0].astype(np.uint16) * 257)}
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        assert not _fast_decodable((tmp_path / name).read_bytes()), name
+        assert np.array_equal(read_image(tmp_path / name), read_image(tmp_path / name))  # decodes, same each time
+    trunc = tmp_path / "trunc.jpg"
+    Image.fromarray(photo()).save(trunc, quality=90)
+    trunc.write_bytes(trunc.read_bytes()[:-200])
+    assert not _fast_decodable(trunc.read_bytes())
+    with pytest.raises(ImageReadError, match="cannot decode"):
+        read_image(trunc)

@@ -67,6 +67,23 @@ def test_session_options_change_speed_not_results(tiny_model, batch, level):
     assert np.abs(be.run(batch)[1] - ref).max() < 1e-4
 
 
+def test_streams_split_the_cores(tiny_model, batch, monkeypatch):
+    from visionpipe.infer import backends
+
+    monkeypatch.setattr(backends, "usable_cores", lambda: 8)
+    assert backends.split_cores(None, None, False) == (8, 1)  # batch predict on the CPU: one run per core
+    assert backends.split_cores(None, 4, False) == (2, 4)
+    assert backends.split_cores(2, None, False) == (2, 4)
+    assert backends.split_cores(1, None, False) == (1, 8)  # open_backend's default: one run, all cores
+    assert backends.split_cores(None, None, True) == (2, 8)  # on a GPU, two runs overlap host work
+    with pytest.raises(VisionpipeError, match="--streams"):
+        backends.split_cores(0, None, False)
+    be = open_backend(str(tiny_model.onnx), "cpu", streams=None)[0]
+    assert (be.streams, be.threads, be.on_cpu) == (8, 1, True)
+    ref = open_backend(str(tiny_model.onnx), "cpu")[0].run(batch)[1]
+    assert np.abs(be.run(batch)[1] - ref).max() < 1e-5
+
+
 def test_bad_options_and_files_are_one_line_errors(tiny_model, tmp_path):
     with pytest.raises(VisionpipeError, match="graph optimization 'max'"):
         open_backend(str(tiny_model.onnx), "cpu", graph_optimization="max")

@@ -53,7 +53,7 @@ def test_bad_files_go_to_errors_and_the_rest_is_predicted(onnx_backend, tmp_path
         assert set(r["labels"]) == {"blue", "red"} and abs(sum(r["scores"]) - 1) < 1e-4
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["images"] == 7 and saved["errors"] == 5
-    assert set(saved["time_percent"]) == {"model", "waiting_for_input", "postprocess_and_write"}
+    assert set(saved["time_percent"]) == {"model", "decode", "postprocess_and_write"}
     assert saved["engine"]["batch_size"] == 4 and saved["engine"]["spinning"] is False
 
 
@@ -67,6 +67,20 @@ def test_output_is_identical_for_any_decoder_count_and_pool(onnx_backend, tmp_pa
         outs[name] = ((tmp_path / name / "predictions.jsonl").read_text(), (tmp_path / name / "errors.jsonl").read_text())
     assert outs["main"] == outs["threads3"] == outs["processes"]
     assert len(outs["main"][0].splitlines()) == 11
+
+
+def test_output_is_identical_for_any_number_of_model_streams(tiny_model, tmp_path):
+    """Several batches in flight at once (one model run per core) change speed, not the files."""
+    write_images(tmp_path / "in", 13)
+    write_bad_files(tmp_path / "in" / "bad")
+    outs = []
+    for streams in (1, 3):
+        backend = open_backend(str(tiny_model.onnx), "cpu", streams=streams)
+        summary = predict(backend, tmp_path / "in", tmp_path / f"s{streams}", batch_size=2, workers=0)
+        assert summary["engine"]["streams"] == streams
+        outs.append(((tmp_path / f"s{streams}" / "predictions.jsonl").read_text(),
+                     (tmp_path / f"s{streams}" / "errors.jsonl").read_text()))
+    assert outs[0] == outs[1] and len(outs[0][0].splitlines()) == 13
 
 
 def test_resume_skips_done_inputs_and_cuts_a_torn_line(onnx_backend, tmp_path):

@@ -9,15 +9,23 @@ import torch
 from visionpipe.config import OptimizerConfig, SchedulerConfig
 
 
+def can_fuse(groups: list[dict[str, Any]]) -> bool:
+    """True when torch's fused optimizer kernels take every parameter (floating point, on the CPU or CUDA)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov) or Adam/AdamW over the given parameter groups."""
+    """SGD (momentum, nesterov) or Adam/AdamW over the given parameter groups (fused kernel by default)."""
     groups = [g for g in groups if g["params"]]
+    fused = can_fuse(groups) if cfg.fused is None else cfg.fused
+    kw: dict[str, Any] = {"fused": True} if fused else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **kw)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kw)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kw)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int) -> Any | None:

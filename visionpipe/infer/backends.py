@@ -24,6 +24,8 @@ class Backend:
 
     input_names: list[str]
     name: str = "backend"
+    streams: int = 1  # batches that may run at once (run() is called from that many threads)
+    on_cpu: bool = False  # the model computes on the CPU (it competes with decoding for the cores)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs for one batch."""
@@ -41,6 +43,25 @@ def _local_rank() -> int:
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity; containers and taskset included)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def split_cores(streams: int | None, threads: int | None, accelerator: bool) -> tuple[int, int]:
+    """(model runs at once, threads per run) from the user's choices and the usable cores.
+
+    On the CPU, one single-threaded run per core (e.g. 2 x 1 on 2 cores) keeps every core busy
+    without the per-operator synchronisation of splitting one small batch over all cores; the
+    two are as fast on the model alone, but decoding then fits between runs instead of stalling
+    every operator. ``--threads T`` alone gives cores // T runs of T threads. On an accelerator
+    two runs overlap one batch's host work with the next one's compute.
+    """
+    cores = usable_cores()
+    if streams is not None and streams < 1:
+        raise VisionpipeError(f"--streams must be >= 1 (got {streams})")
+    if accelerator:
+        return streams or 2, threads or cores
+    if streams is None:
+        streams = max(1, cores // threads) if threads else cores
+    return streams, threads or max(1, cores // streams)
 
 
 def onnx_session_options(threads: int | None = None, inter_threads: int | None = None,
@@ -68,25 +89,30 @@ def onnx_session_options(threads: int | None = None, inter_threads: int | None =
 
 
 class OnnxBackend(Backend):
-    """onnxruntime session: CUDA provider when asked (or auto) and installed, else CPU."""
+    """onnxruntime session: CUDA provider when asked (or auto) and installed, else CPU.
+
+    ``streams=None`` sizes runs-at-once and threads per run for batch prediction (see
+    :func:`split_cores`); the default, one run, gives that run all the threads.
+    """
 
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  graph_optimization: str = "all", inter_threads: int | None = None,
-                 spinning: bool | None = False) -> None:
+                 spinning: bool | None = False, streams: int | None = 1) -> None:
         import onnxruntime as ort
 
         from visionpipe.export.onnx import check_external_data
 
         check_external_data(path)
+        available = ort.get_available_providers()
+        cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in available
         # onnxruntime sizes its pool from the machine's cores, not the ones this process may use
         # (containers, taskset): on a 2-core slice of a big host it would start one thread per host core.
-        threads = threads or usable_cores()
+        streams, threads = split_cores(streams, threads, cuda)
         so = onnx_session_options(threads, inter_threads, graph_optimization, spinning)
-        available = ort.get_available_providers()
         providers: list[Any] = ["CPUExecutionProvider"]
-        if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        if cuda:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": _local_rank()}))
         elif device == "cuda":
             raise VisionpipeError("--device cuda: onnxruntime has no CUDA provider here (install onnxruntime-gpu, "
@@ -99,6 +125,7 @@ class OnnxBackend(Backend):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.providers = self.session.get_providers()
         self.threads, self.graph_optimization, self.spinning = threads, graph_optimization, spinning
+        self.streams, self.on_cpu = streams, self.providers[0] == "CPUExecutionProvider"
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs for one batch."""
@@ -106,7 +133,7 @@ class OnnxBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         """Providers and session settings."""
-        return {"backend": self.name, "providers": self.providers, "threads": self.threads,
+        return {"backend": self.name, "providers": self.providers, "threads": self.threads, "streams": self.streams,
                 "graph_optimization": self.graph_optimization, "spinning": self.spinning}
 
 
@@ -141,10 +168,14 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, module: torch.nn.Module, input_names: list[str], device: str = "auto",
-                 amp: bool = False, threads: int | None = None) -> None:
+                 amp: bool = False, threads: int | None = None, streams: int | None = 1) -> None:
         self.device = pick_torch_device(device)
-        if threads and self.device.type == "cpu":
-            torch.set_num_threads(int(threads))
+        self.on_cpu = self.device.type == "cpu"
+        if streams is None and self.on_cpu:
+            streams = 1  # torch on the CPU: one run with all threads (its intra-op pool is process-wide)
+        self.streams, per_run = split_cores(streams, threads, not self.on_cpu)
+        if self.on_cpu and (threads or self.streams > 1):
+            torch.set_num_threads(per_run)  # process-wide: torch has one intra-op pool
         self.module = module.eval().to(self.device)
         self.input_names = input_names
         self.amp = bool(amp)
@@ -167,7 +198,7 @@ class TorchBackend(Backend):
         """Device, AMP and threads."""
         return {"backend": self.name, "device": str(self.device),
                 "amp": str(self.amp_dtype).replace("torch.", "") if self.amp else "off",
-                "threads": torch.get_num_threads() if self.device.type == "cpu" else None}
+                "threads": torch.get_num_threads() if self.on_cpu else None, "streams": self.streams}
 
 
 def resolve_model(model_path: str | os.PathLike, backend: str = "auto") -> Path:
@@ -194,7 +225,8 @@ def open_backend(model_path: str, device: str = "auto", **kw: Any) -> tuple[Back
     """Open an exported ``.onnx``, a ``.pt`` checkpoint or a run folder; return (backend, metadata).
 
     Keyword settings: ``backend`` (auto/onnxruntime/torch: must agree with the file), ``threads``,
-    ``inter_threads``, ``graph_optimization``, ``spinning`` (onnxruntime), ``amp`` (torch).
+    ``streams`` (default 1; None sizes it for batch prediction), ``inter_threads``,
+    ``graph_optimization``, ``spinning`` (onnxruntime), ``amp`` (torch).
     """
     from visionpipe.export.onnx import read_metadata
 
@@ -205,7 +237,8 @@ def open_backend(model_path: str, device: str = "auto", **kw: Any) -> tuple[Back
             raise VisionpipeError(f"{p}: --backend torch needs a .pt checkpoint (or a run folder)")
         meta = read_metadata(p)
         return OnnxBackend(p, device, threads=kw.get("threads"), graph_optimization=kw.get("graph_optimization") or "all",
-                           inter_threads=kw.get("inter_threads"), spinning=kw.get("spinning", False)), meta
+                           inter_threads=kw.get("inter_threads"), spinning=kw.get("spinning", False),
+                           streams=kw.get("streams", 1)), meta
     if p.suffix in (".pt", ".pth"):
         if choice == "onnxruntime":
             raise VisionpipeError(f"{p}: --backend onnxruntime needs an exported .onnx model (visionpipe export)")
@@ -215,5 +248,6 @@ def open_backend(model_path: str, device: str = "auto", **kw: Any) -> tuple[Back
         meta = json.loads(json.dumps(spec.metadata, default=str))  # the same plain data an exported model carries
         meta.setdefault("inputs", spec.input_names)
         meta.setdefault("outputs", spec.output_names)
-        return TorchBackend(module, spec.input_names, device, amp=bool(kw.get("amp")), threads=kw.get("threads")), meta
+        return TorchBackend(module, spec.input_names, device, amp=bool(kw.get("amp")), threads=kw.get("threads"),
+                            streams=kw.get("streams", 1)), meta
     raise VisionpipeError(f"{p}: expected an exported .onnx model, a .pt checkpoint or a run folder")

@@ -1,15 +1,16 @@
 """Streaming batch prediction over image files of any count, with flat memory.
 
-A pool of decoders reads and preprocesses images ahead of the model (bounded look-ahead,
-so memory does not grow with the input) while the main thread runs the model batch by
-batch. Outputs are appended and flushed per batch; a re-run skips paths already written
-(resume without duplicates); a bad file becomes a line of errors.jsonl, never a crash.
+Two bounded stages run ahead of the main thread: decoders read and preprocess images, and
+``streams`` model runners each run one batch at a time (several single-threaded model runs
+at once keep every core busy without the synchronisation cost of splitting one small batch
+over all cores). The main thread postprocesses and writes in input order. Outputs are appended
+and flushed per batch; a re-run skips paths already written (resume without duplicates); a bad
+file becomes a line of errors.jsonl, never a crash.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -23,7 +24,7 @@ import numpy as np
 from visionpipe.engine.progress import make_progress
 from visionpipe.errors import ImageReadError, VisionpipeError
 from visionpipe.images import read_image
-from visionpipe.infer.backends import Backend
+from visionpipe.infer.backends import Backend, usable_cores
 from visionpipe.infer.outputs import JsonlAppender, iter_jsonl, merge_outputs, read_done
 from visionpipe.infer.pool import POOLS, ordered_map
 from visionpipe.infer.sources import iter_indexed, iter_sources, parse_shard, shard_suffix
@@ -38,9 +39,16 @@ MAX_FAILURES_BEFORE_FIRST_SUCCESS = 16
 LOGGED_ERRORS = 20
 
 
-def default_workers() -> int:
-    """Decoder workers: one per core (they mostly wait on the bounded window), at least 1."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+def default_workers(backend: Backend | None = None) -> int:
+    """Decoder threads: one per core for a model off the CPU; for a CPU model, a quarter of the cores.
+
+    A model on the CPU already has one runner per core; on small machines (< 4 cores) the main
+    thread decodes in between, which costs less than handing every image between threads.
+    """
+    cores = usable_cores()
+    if backend is not None and getattr(backend, "on_cpu", False):
+        return cores // 4
+    return cores
 
 
 @dataclass(frozen=True)
@@ -51,24 +59,26 @@ class Settings:
     workers: int = 1
     pool: str = "threads"
     window: int = 2 * DEFAULT_BATCH
+    streams: int = 1
     shard: tuple[int, int] = (0, 1)
     save_images: bool = False
     count_total: bool = True
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> Settings:
-        """Validated settings; missing values get defaults sized from the core count."""
+    def from_options(cls, options: dict[str, Any], backend: Backend | None = None) -> Settings:
+        """Validated settings; missing values get defaults sized from the core count and the backend."""
         bs = int(options.get("batch_size") or DEFAULT_BATCH)
         w = options.get("workers")
-        workers = default_workers() if w is None else int(w)
+        workers = default_workers(backend) if w is None else int(w)
+        streams = int(getattr(backend, "streams", 1) or 1)
         pool = str(options.get("decode") or options.get("pool") or "threads")
         if bs < 1 or workers < 0:
             raise VisionpipeError(f"batch_size must be >= 1 and workers >= 0 (got {bs}, {workers})")
         if pool not in POOLS:
             raise VisionpipeError(f"--decode {pool}: use one of {', '.join(POOLS)}")
         window = int(options.get("prefetch") or max(2 * bs, 4 * workers))
-        return cls(bs, workers, pool, window, parse_shard(options.get("shard")), bool(options.get("save_images")),
-                   options.get("count_total", True) is not False)
+        return cls(bs, workers, pool, window, streams, parse_shard(options.get("shard")),
+                   bool(options.get("save_images")), options.get("count_total", True) is not False)
 
 
 @dataclass
@@ -104,15 +114,25 @@ class _Decoder:
 
 @dataclass
 class Stats:
-    """Counts and where the time went (model, waiting for input, writing outputs)."""
+    """Counts and where the time went (model runs, decoding, postprocess + writing)."""
 
     ok: int = 0
     errors: int = 0
     model_s: float = 0.0
-    wait_s: float = 0.0
+    decode_s: float = 0.0
     output_s: float = 0.0
     batches: int = 0
     error_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    """Inputs that go to the model together, the unusable ones met on the way, and the results."""
+
+    items: list[Decoded]
+    failed: list[Decoded]
+    outputs: list[list[np.ndarray] | None] = field(default_factory=list)
+    model_s: float = 0.0
 
 
 def _stack(items: list[Decoded]) -> dict[str, np.ndarray]:
@@ -140,8 +160,26 @@ def _groups(batch: list[Decoded], batchable: bool) -> list[list[Decoded]]:
     return groups
 
 
+def _batches(decoded: Iterator[Decoded], size: int, stats: Stats) -> Iterator[_Batch]:
+    """Group decoded inputs into batches of ``size`` usable ones; unusable ones ride along to be recorded."""
+    items: list[Decoded] = []
+    failed: list[Decoded] = []
+    while True:
+        t0 = time.perf_counter()
+        it = next(decoded, None)
+        stats.decode_s += time.perf_counter() - t0
+        if it is None:
+            break
+        (failed if it.error is not None else items).append(it)
+        if len(items) >= size:
+            yield _Batch(items, failed)
+            items, failed = [], []
+    if items or failed:
+        yield _Batch(items, failed)
+
+
 class _Engine:
-    """Runs batches through the backend and the predictor; writes records; keeps the stats."""
+    """Runs batches through the backend (from several threads) and writes records (from the main thread)."""
 
     def __init__(self, backend: Backend, predictor: Predictor, preds: JsonlAppender, errs: JsonlAppender,
                  indexed: bool, img_dir: Path, src_root: Path | None) -> None:
@@ -177,50 +215,50 @@ class _Engine:
 
     def _run(self, items: list[Decoded]) -> list[list[np.ndarray]] | None:
         """Per-item outputs of one group, or None when the model failed on it."""
-        feed = _stack(items)
-        t0 = time.perf_counter()
         try:
-            outs = self.backend.run(feed)
+            outs = self.backend.run(_stack(items))
         except Exception as e:
-            self.stats.model_s += time.perf_counter() - t0
-            if len(items) > 1:
-                return None
-            items[0].error = f"model failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if len(items) == 1:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                items[0].error = f"model failed: {type(e).__name__}: {msg}"
             return None
-        self.stats.model_s += time.perf_counter() - t0
         return [[o[j] for o in outs] for j in range(len(items))]
 
-    def batch(self, batch: list[Decoded]) -> None:
-        """Predict, postprocess and write one batch; isolate items the model or postprocess fails on."""
-        if not batch:
-            return
-        records: list[dict[str, Any]] = []
-        failed: list[Decoded] = []
-        for group in _groups(batch, self.predictor.batchable):
+    def infer(self, batch: _Batch) -> _Batch:
+        """Run the model on one batch (thread-safe); a group it fails on is retried one item at a time."""
+        t0 = time.perf_counter()
+        for group in _groups(batch.items, self.predictor.batchable):
             per_item = self._run(group)
             if per_item is None:  # find the culprit(s): one item at a time
                 singles = [self._run([it]) for it in group] if len(group) > 1 else [None]
                 per_item = [r[0] if r is not None else None for r in singles]
-            t0 = time.perf_counter()
-            for it, outs in zip(group, per_item, strict=True):
-                if outs is None:
-                    failed.append(it)
-                    self.model_failures += 1
-                    continue
-                self.model_failures = 0
-                try:
-                    rec = self._record(it, self.predictor.postprocess(outs, it.state))
-                except Exception as e:
-                    it.error = f"postprocess failed: {type(e).__name__}: {e}"
-                    failed.append(it)
-                    continue
-                if it.image is not None:
-                    self._draw(it, rec)
-                records.append(rec)
-            self.stats.output_s += time.perf_counter() - t0
+            batch.outputs += per_item
+        batch.model_s = time.perf_counter() - t0
+        return batch
+
+    def write(self, batch: _Batch) -> None:
+        """Postprocess and write one batch the model has run on, in input order."""
         t0 = time.perf_counter()
+        self.stats.model_s += batch.model_s
+        records: list[dict[str, Any]] = []
+        failed = list(batch.failed)
+        for it, outs in zip(batch.items, batch.outputs, strict=True):
+            if outs is None:
+                failed.append(it)
+                self.model_failures += 1
+                continue
+            self.model_failures = 0
+            try:
+                rec = self._record(it, self.predictor.postprocess(outs, it.state))
+            except Exception as e:
+                it.error = f"postprocess failed: {type(e).__name__}: {e}"
+                failed.append(it)
+                continue
+            if it.image is not None:
+                self._draw(it, rec)
+            records.append(rec)
         self.preds.write(records)
-        self.error(failed)
+        self.error(sorted(failed, key=lambda it: it.index))
         self.stats.output_s += time.perf_counter() - t0
         self.stats.ok += len(records)
         self.stats.batches += 1
@@ -252,19 +290,6 @@ def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on
     return t
 
 
-def _timed(it: Iterator[Decoded], stats: Stats) -> Iterator[Decoded]:
-    """Yield from ``it``, adding the time spent waiting for each item to ``stats.wait_s``."""
-    while True:
-        t0 = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            stats.wait_s += time.perf_counter() - t0
-            return
-        stats.wait_s += time.perf_counter() - t0
-        yield item
-
-
 def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir: Path,
                    options: dict[str, Any]) -> dict[str, Any]:
     """Predict every image under ``source``; write predictions.jsonl, errors.jsonl and summary.json.
@@ -272,8 +297,9 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     ``options``: batch_size, workers (decoders; 0 = decode in the main thread), decode
     ("threads" or "processes"), prefetch (look-ahead in images), shard ("I/N"; default from
     torchrun's RANK/WORLD_SIZE), save_images, count_total (False: no ETA, no second walk).
+    How many batches run at once is the backend's ``streams``.
     """
-    s = Settings.from_options(options)
+    s = Settings.from_options(options, backend)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = shard_suffix(s.shard)
@@ -284,15 +310,15 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     src_root = Path(source) if Path(source).is_dir() else None
     items = ((k, p) for k, p in iter_indexed(source, s.shard) if str(p) not in done)
     decoder = _Decoder(predictor, s.save_images)
-    if s.pool == "processes":
-        chunk = max(1, min(8, s.batch_size // max(1, s.workers)))
-    else:
-        chunk = 1
+    chunk = max(1, min(8, s.batch_size // max(1, s.workers))) if s.pool == "processes" else 1
     decoded = ordered_map(decoder, items, s.workers, s.window, pool=s.pool, chunk=chunk)
 
     preds, errs = JsonlAppender(pred_file), JsonlAppender(err_file)
     engine = _Engine(backend, predictor, preds, errs, s.shard[1] > 1, out_dir / "images", src_root)
     stats = engine.stats
+    # Each runner holds one batch and as many again wait decoded, so a runner never waits for the main
+    # thread (which decodes and writes in between); memory: (2 x streams + 1) batches.
+    ran = ordered_map(engine.infer, _batches(decoded, s.batch_size, stats), s.streams, 2 * s.streams + 1)
     progress = make_progress()
     t0 = time.perf_counter()
     try:
@@ -300,22 +326,14 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
             bar = progress.add_task("predict" + (f" {s.shard[0]}/{s.shard[1]}" if suffix else ""), total=None, info="")
             if s.count_total and progress_is_live(progress):
                 _count_in_background(source, s.shard, done, lambda n: progress.update(bar, total=n))
-            batch: list[Decoded] = []
-            for it in _timed(decoded, stats):
-                if it.error is not None:
-                    engine.error([it])
-                    continue
-                batch.append(it)
-                if len(batch) >= s.batch_size:
-                    engine.batch(batch)
-                    batch = []
-                    elapsed = time.perf_counter() - t0
-                    progress.update(bar, completed=stats.ok + stats.errors,
-                                    info=f"{stats.ok / max(elapsed, 1e-9):.1f} img/s, {stats.errors} error(s)")
-            engine.batch(batch)
-            progress.update(bar, completed=stats.ok + stats.errors)
+            for batch in ran:
+                engine.write(batch)
+                elapsed = time.perf_counter() - t0
+                progress.update(bar, completed=stats.ok + stats.errors,
+                                info=f"{stats.ok / max(elapsed, 1e-9):.1f} img/s, {stats.errors} error(s)")
     finally:
-        decoded.close()  # stops the decoder pool, also after an error or Ctrl-C
+        ran.close()  # stops the model runners and the decoders, also after an error or Ctrl-C
+        decoded.close()
         preds.close()
         errs.close()
     seconds = time.perf_counter() - t0
@@ -333,7 +351,7 @@ def progress_is_live(progress: Any) -> bool:
 
 def _summary(stats: Stats, seconds: float, skipped: int, s: Settings, backend: Backend, pred_file: Path,
              err_file: Path, extra: list[Path]) -> dict[str, Any]:
-    share = (lambda x: round(100.0 * x / seconds, 1) if seconds > 0 else None)  # noqa: E731
+    share = (lambda x, n=1: round(100.0 * x / (n * seconds), 1) if seconds > 0 else None)  # noqa: E731
     return {
         "images": stats.ok, "errors": stats.errors, "skipped_already_done": skipped,
         "seconds": round(seconds, 3),
@@ -341,8 +359,12 @@ def _summary(stats: Stats, seconds: float, skipped: int, s: Settings, backend: B
         "predictions": str(pred_file), "errors_file": str(err_file), "shard": f"{s.shard[0]}/{s.shard[1]}",
         "backend": getattr(backend, "name", "?"),
         "engine": {**(backend.describe() if hasattr(backend, "describe") else {}),
-                   "batch_size": s.batch_size, "decoders": s.workers, "decode": s.pool, "prefetch": s.window},
-        "time_percent": {"model": share(stats.model_s), "waiting_for_input": share(stats.wait_s),
+                   "batch_size": s.batch_size, "streams": s.streams, "decoders": s.workers, "decode": s.pool,
+                   "prefetch": s.window},
+        # model: the share of the runners' time spent in model calls (all runners together);
+        # decode: the time spent getting decoded inputs (waiting for the decoders, or decoding in
+        # the main thread when there are none); postprocess_and_write: the main thread's writing.
+        "time_percent": {"model": share(stats.model_s, s.streams), "decode": share(stats.decode_s),
                          "postprocess_and_write": share(stats.output_s)},
         "error_reasons": stats.error_reasons,
         "extra": [str(e) for e in extra],
@@ -351,9 +373,9 @@ def _summary(stats: Stats, seconds: float, skipped: int, s: Settings, backend: B
 
 def _log_summary(summary: dict[str, Any], pred_file: Path) -> None:
     tp = summary["time_percent"]
-    log.info("predicted %d image(s), %d error(s) in %.1f s: %.1f img/s (model busy %s%% of the time, "
-             "waiting for input %s%%) -> %s", summary["images"], summary["errors"], summary["seconds"],
-             summary["images_per_second"] or 0.0, tp["model"], tp["waiting_for_input"], pred_file)
+    log.info("predicted %d image(s), %d error(s) in %.1f s: %.1f img/s (model runners busy %s%% of the time, "
+             "decoding %s%%, writing %s%%) -> %s", summary["images"], summary["errors"], summary["seconds"],
+             summary["images_per_second"] or 0.0, tp["model"], tp["decode"], tp["postprocess_and_write"], pred_file)
     if summary["errors"]:
         log.info("errors by reason: %s", ", ".join(f"{k}: {v}" for k, v in summary["error_reasons"].items()))
 
