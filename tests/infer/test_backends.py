@@ -109,11 +109,12 @@ def test_cli_predict_with_checkpoint_equals_onnx(tiny_model, tmp_path, monkeypat
     runner = CliRunner()
     a = runner.invoke(app, ["predict", str(tiny_model.checkpoint), "in", "--out", "a", "--top-k", "2"])
     b = runner.invoke(app, ["predict", str(tiny_model.run), "in", "--out", "b", "--top-k", "2", "--threads", "1",
-                            "--graph-optimization", "basic"])
+                            "--streams", "3", "--graph-optimization", "basic"])
     assert a.exit_code == 0, a.output
     assert b.exit_code == 0, b.output
     sa, sb = json.loads(a.stdout), json.loads(b.stdout)
     assert sa["backend"] == "torch" and sb["backend"] == "onnxruntime" and sa["images"] == sb["images"] == 5
+    assert sa["engine"]["streams"] == 1 and (sb["engine"]["streams"], sb["engine"]["threads"]) == (3, 1)
     ra = [json.loads(x) for x in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
     assert [r["path"] for r in ra] == [r["path"] for r in rb]
