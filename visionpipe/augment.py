@@ -112,12 +112,16 @@ class EvalTransform:
         steps = list(transform.transforms)
         last = steps[-1] if steps else None
         self.lut: np.ndarray | None = None
+        self.size: tuple[int, int] | None = None  # a lone Resize to this size: nothing to do for such images
         if isinstance(last, A.Normalize) and last.normalization == "standard" and last.p >= 1.0:
             mean = np.asarray(last.mean_np, np.float32).reshape(-1, 1)
             den = np.asarray(last.denominator, np.float32).reshape(-1, 1)
             tables = (np.arange(256, dtype=np.float32) - mean) * den  # (channels or 1, 256), as albucore
             self.lut = np.ascontiguousarray(tables.T[:, None, :])  # (256, 1, channels) for cv2.LUT
             self.head = A.Compose(steps[:-1]) if len(steps) > 1 else None
+            only = steps[0] if len(steps) == 2 else None
+            if isinstance(only, A.Resize) and only.p >= 1.0:  # albumentations returns a same-size image as is
+                self.size = (only.height, only.width)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """The model input for one image."""
@@ -125,7 +129,10 @@ class EvalTransform:
         if lut is not None and image.dtype == np.uint8 and image.ndim == 3 and lut.shape[2] in (1, image.shape[2]):
             import cv2
 
-            x = self.head(image=image)["image"] if self.head is not None else image
+            if self.head is None or image.shape[:2] == self.size:
+                x = image
+            else:
+                x = self.head(image=image)["image"]
             if x.dtype == np.uint8 and x.ndim == 3 and lut.shape[2] in (1, x.shape[2]):
                 return np.ascontiguousarray(cv2.LUT(x, lut).transpose(2, 0, 1), dtype=np.float32)
         x = self.transform(image=image)["image"]

@@ -65,6 +65,19 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
+def _png_plain(data: bytes) -> bool:
+    """True when a PNG's chunks are intact up to IEND and none is tRNS (transparency) or eXIf (orientation)."""
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        kind = data[i + 4:i + 8]
+        if kind in (b"tRNS", b"eXIf"):
+            return False
+        if kind == b"IEND":
+            return True
+        i += 12 + int.from_bytes(data[i:i + 4], "big")
+    return False  # truncated: the general path reports it
+
+
 def _fast_decodable(data: bytes) -> bool:
     """True for the common files OpenCV decodes to exactly the pixels of the general (PIL) path.
 
@@ -75,8 +88,8 @@ def _fast_decodable(data: bytes) -> bool:
     """
     if data.startswith(_PNG) and len(data) > 33 and data[12:16] == b"IHDR":
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        return (data[24] == 8 and data[25] in (0, 2) and b"tRNS" not in data and b"eXIf" not in data
-                and 0 < w * h <= (Image.MAX_IMAGE_PIXELS or 0))
+        return (data[24] == 8 and data[25] in (0, 2) and 0 < w * h <= (Image.MAX_IMAGE_PIXELS or 0)
+                and _png_plain(data))
     if data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9") and b"Adobe" not in data[:4096]:
         frame = _jpeg_frame(data)
         return (frame is not None and frame[0] == 8 and frame[3] in (1, 3)

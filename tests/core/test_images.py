@@ -159,7 +159,10 @@ def test_unusual_files_take_the_general_path(tmp_path):
     for name, img in cases.items():
         img.save(tmp_path / name)
         assert not _fast_decodable((tmp_path / name).read_bytes()), name
-        assert np.array_equal(read_image(tmp_path / name), read_image(tmp_path / name))  # decodes, same each time
+    Image.fromarray(photo()).save(tmp_path / "keyed.png", transparency=(0, 0, 0))  # RGB with a tRNS colour key
+    assert not _fast_decodable((tmp_path / "keyed.png").read_bytes())
+    for name in [*cases, "keyed.png"]:
+        assert read_image(tmp_path / name).shape == (48, 64, 3), name
     trunc = tmp_path / "trunc.jpg"
     Image.fromarray(photo()).save(trunc, quality=90)
     trunc.write_bytes(trunc.read_bytes()[:-200])
