@@ -133,7 +133,10 @@ class PredictConfig(Block):
     top_k: int = Field(5, gt=0)
     save_images: bool = Field(False, description="draw predictions on copies of the images")
     out: str = Field("predictions", description="folder inside the run folder")
-    workers: int | None = Field(None, ge=0, description="decoder threads/processes; default: cores, 0 = main thread")
+    workers: int | None = Field(None, ge=0, description="decoder threads/processes; default: cores, or cores/4 "
+                                                          "for a model on the CPU; 0 = main thread")
+    streams: int | None = Field(None, ge=1, description="batches the model runs at once; default: cores for "
+                                                         "onnxruntime on the CPU, 1 for torch on the CPU, 2 on a GPU")
     decode: Literal["threads", "processes"] = Field("threads", description="how inputs are decoded in parallel")
     options: dict[str, Any] = Field(
         default_factory=dict,

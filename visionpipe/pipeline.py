@@ -295,7 +295,7 @@ def stage_predict(ctx: RunContext) -> dict[str, Any]:
         return {}
     cfg = ctx.block("predict")
     model_path = ctx.outputs.get("onnx") or (ctx.run_dir / "checkpoints" / "best.pt")
-    backend, metadata = open_backend(str(model_path), device=cfg.device, streams=None)  # sized for batch predict
+    backend, metadata = open_backend(str(model_path), device=cfg.device, streams=cfg.streams)  # None: sized for predict
     out_dir = resolve_under(ctx.run_dir, cfg.out, what="predict.out")
     # predict resumes by skipping inputs already written; that is only right for the same model
     fingerprint, marker = sha256_file(Path(model_path)), out_dir / "model.sha256"

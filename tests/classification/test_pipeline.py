@@ -247,11 +247,12 @@ def test_stages_without_their_blocks_run_with_defaults(tmp_path, color_data):
 
 
 def test_predictions_are_redone_when_resume_changes_the_model(tmp_path, tiny_pipeline, color_data):
-    p = tiny_pipeline(epochs=1, extra=f"predict: {{source: {color_data / 'val'}, batch_size: 4}}\n")
+    p = tiny_pipeline(epochs=1, extra=f"predict: {{source: {color_data / 'val'}, batch_size: 4, streams: 2}}\n")
     always_better = ["--set", "train.monitor=epoch", "--set", "train.monitor_mode=max"]  # best.pt = last epoch
     run_cli("run", str(p), "--run-dir", "r", *always_better, cwd=tmp_path)
     preds = tmp_path / "r" / "predictions"
     first = (preds / "model.sha256").read_text()
+    assert json.loads((preds / "summary.json").read_text())["engine"]["streams"] == 2  # the predict block's setting
     assert first.strip() == hashlib.sha256((tmp_path / "r" / "model.onnx").read_bytes()).hexdigest()
     run_cli("run", "--resume", "r", "--set", "train.epochs=2", *always_better, cwd=tmp_path)
     assert (preds / "model.sha256").read_text().strip() == \
