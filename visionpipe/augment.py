@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import albumentations as A
+import cv2
 import numpy as np
 from pydantic import AfterValidator, Field, field_validator
 
@@ -113,6 +114,7 @@ class EvalTransform:
         last = steps[-1] if steps else None
         self.lut: np.ndarray | None = None
         self.size: tuple[int, int] | None = None  # a lone Resize to this size: nothing to do for such images
+        self.head: A.Compose | None = None  # the steps before Normalize
         if isinstance(last, A.Normalize) and last.normalization == "standard" and last.p >= 1.0:
             mean = np.asarray(last.mean_np, np.float32).reshape(-1, 1)
             den = np.asarray(last.denominator, np.float32).reshape(-1, 1)
@@ -127,8 +129,6 @@ class EvalTransform:
         """The model input for one image."""
         lut = self.lut
         if lut is not None and image.dtype == np.uint8 and image.ndim == 3 and lut.shape[2] in (1, image.shape[2]):
-            import cv2
-
             if self.head is None or image.shape[:2] == self.size:
                 x = image
             else:
