@@ -171,7 +171,7 @@ def _batches(decoded: Iterator[Decoded], size: int, stats: Stats) -> Iterator[_B
         if it is None:
             break
         (failed if it.error is not None else items).append(it)
-        if len(items) >= size:
+        if len(items) >= size or len(failed) >= size:  # a long run of bad files is recorded as it goes
             yield _Batch(items, failed)
             items, failed = [], []
     if items or failed:
