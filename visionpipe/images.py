@@ -101,8 +101,11 @@ def _decode_fast(data: bytes) -> np.ndarray | None:
     """RGB uint8 pixels via OpenCV (about 1.5-2x faster than PIL), or None to take the general path."""
     import cv2
 
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), rgb if rgb is not None else cv2.IMREAD_COLOR)
+    if arr is None or rgb is not None:
+        return arr
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
@@ -186,6 +189,7 @@ def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
     """Image files under ``root`` recursively, in sorted (deterministic) order."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        folder = Path(dirpath)
         for name in sorted(filenames):
             if is_image_file(name) and not name.startswith("."):
-                yield Path(dirpath) / name
+                yield folder / name

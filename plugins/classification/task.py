@@ -195,7 +195,7 @@ class ClassificationPredictor(Predictor):
     def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
         probs = outputs[1]
         idx = np.argsort(-probs)[: self.k]
-        return {"labels": [self.names[i] for i in idx], "scores": [round(float(probs[i]), 6) for i in idx]}
+        return {"labels": [self.names[i] for i in idx.tolist()], "scores": [round(v, 6) for v in probs[idx].tolist()]}
 
     def draw(self, image: np.ndarray, record: dict[str, Any]) -> np.ndarray:
         import cv2

@@ -15,6 +15,7 @@ from visionpipe.io import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 KINDS = ("predictions", "errors")
+_ENCODER = json.JSONEncoder(default=str)  # one encoder (json.dumps(default=...) builds a new one per call)
 _SHARD_RE = re.compile(r"^(?P<kind>predictions|errors|summary)\.shard(?P<i>\d+)of(?P<n>\d+)\.jsonl?$")
 
 
@@ -59,7 +60,7 @@ class JsonlAppender:
     def write(self, records: list[dict[str, Any]]) -> None:
         """Append ``records`` and flush them to the OS."""
         if records:
-            self._f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
+            self._f.write("".join(_ENCODER.encode(r) + "\n" for r in records))
             self._f.flush()
 
     def close(self) -> None:
