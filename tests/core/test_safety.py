@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +98,17 @@ def test_onnx_external_data_outside_folder_is_refused(tmp_path):
     onnx.save(helper.make_model(graph), str(d / "model.onnx"))
     with pytest.raises(UnsafePathError, match="outside the model's folder"):
         check_external_data(d / "model.onnx")
+
+
+def test_importing_visionpipe_makes_no_network_request() -> None:
+    """albumentations' update check (a PyPI request on every import) is off unless the user turns it on."""
+    code = (
+        "import urllib.request\n"
+        "calls = []\n"
+        "urllib.request.OpenerDirector.open = lambda self, url, *a, **k: calls.append(url)\n"
+        "import visionpipe, albumentations\n"
+        "print(len(calls))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stderr
