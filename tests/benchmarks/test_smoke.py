@@ -1,0 +1,33 @@
+"""The benchmark suite runs end to end from a clean checkout (its --quick smoke version: tiny counts, no goals)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_and_records_all_five_figures(tmp_path):
+    out = tmp_path / "results.json"
+    env = {**os.environ, "VISIONPIPE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--check",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln[:2] in {f"{k}." for k in range(1, 6)}]
+    assert [ln[:2] for ln in lines] == ["1.", "2.", "3.", "4.", "5."], proc.stdout
+    assert all("smoke" in ln for ln in lines), "a quick run judges no goal"
+    res = json.loads(out.read_text())
+    assert res["quick"] is True and [f["number"] for f in res["figures"]] == [1, 2, 3, 4, 5]
+    for f in res["figures"]:
+        assert f["ratio"] > 0, f
+    int8 = res["figures"][2]["data"]["accuracy"]
+    assert 0.0 <= int8["top1_fp32"] <= 1.0 and 0.0 <= int8["top1_int8"] <= 1.0
+    assert res["figures"][4]["data"]["rss"]["1000"]["peak_rss_mb"] > 0
