@@ -8,7 +8,7 @@
 
 Every figure compares two things on the same model, images and settings, timed in
 alternation (A, B, B, A, ...) so that load from other processes hits both alike; the figure is
-the median of the per-repetition ratios (7 repetitions). See docs/benchmarks.md for the method and results.
+the median of the per-repetition ratios (11 repetitions). See docs/benchmarks.md for the method and results.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="figures 6-9 at toy sizes (ResNet-18 32px, MobileNet Faster R-CNN 160px) on CUDA or CPU: "
                          "proves the code paths, goals not checked")
     ap.add_argument("--only", default=None, help="figures to run, e.g. 1,3 (default 1-5; 6-9 with --gpu)")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions per side (default 7; quick 1)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per side (default 11; quick 1)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "visionpipe-bench",
                     help="data, model and image folders (reused between runs)")
     ap.add_argument("--fresh", action="store_true", help="retrain and re-quantize instead of reusing the workdir")
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     default = "6,7,8,9" if (args.gpu or args.gpu_smoke) else "1,2,3,4,5"
     only = {int(x) for x in (args.only or default).split(",") if x.strip()}
-    reps = args.reps or (1 if args.quick or args.gpu_smoke else 7)
+    reps = args.reps or (1 if args.quick or args.gpu_smoke else 11)
     bs = 32
     n_images = 128 if args.quick else 1000
     steps = 3 if args.quick else 20
