@@ -129,11 +129,8 @@ class EvalTransform:
         """The model input for one image."""
         lut = self.lut
         if lut is not None and image.dtype == np.uint8 and image.ndim == 3 and lut.shape[2] in (1, image.shape[2]):
-            if self.head is None or image.shape[:2] == self.size:
-                x = image
-            else:
-                x = self.head(image=image)["image"]
-            if x.dtype == np.uint8 and x.ndim == 3 and lut.shape[2] in (1, x.shape[2]):
+            x = image if self.head is None or image.shape[:2] == self.size else self.head(image=image)["image"]
+            if x.dtype == np.uint8 and x.shape[2:] == image.shape[2:]:  # the steps before Normalize kept the layout
                 return np.ascontiguousarray(cv2.LUT(x, lut).transpose(2, 0, 1), dtype=np.float32)
         x = self.transform(image=image)["image"]
         return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)

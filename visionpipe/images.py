@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -116,19 +117,19 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
     Plain 8-bit PNGs and JPEGs are decoded by OpenCV, to the same pixels.
     """
     path = str(path)
-    if mode == "RGB":
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise ImageReadError(path, "file not found") from None
-        except OSError as e:
-            raise ImageReadError(path, f"cannot read: {e}") from None
-        arr = _decode_fast(data) if _fast_decodable(data) else None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()  # read once: both decoders work from these bytes
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as e:
+        raise ImageReadError(path, f"cannot read: {e}") from None
+    if mode == "RGB" and _fast_decodable(data):
+        arr = _decode_fast(data)
         if arr is not None:
             return _check_size(path, arr)
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -140,8 +141,6 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
                 im = Image.alpha_composite(bg, im)
             im = im.convert(mode)
             arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format (corrupt or not an image)") from None
     except Image.DecompressionBombError as e:
