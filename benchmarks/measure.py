@@ -22,6 +22,12 @@ def raw_onnxruntime(model: Path, x: np.ndarray, batch_size: int, streams: int = 
     No settings: onnxruntime's default session, one loop. ``streams=S`` with ``threads=T``: S
     threads call ``run`` on one session of T intra-op threads, as predict's model runners do.
     """
+    return raw_onnxruntime_timed(model, x, batch_size, streams, **session)[0]
+
+
+def raw_onnxruntime_timed(model: Path, x: np.ndarray, batch_size: int, streams: int = 1,
+                          **session: Any) -> tuple[float, float]:
+    """(images/s, process CPU ms per image) of the raw loop of :func:`raw_onnxruntime`."""
     from concurrent.futures import ThreadPoolExecutor
 
     import onnxruntime as ort
@@ -35,13 +41,14 @@ def raw_onnxruntime(model: Path, x: np.ndarray, batch_size: int, streams: int = 
     run = lambda b: sess.run(None, {name: b})  # noqa: E731
     with ThreadPoolExecutor(streams) as pool:
         list(pool.map(run, batches[:streams]))  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if streams == 1:
             for b in batches:
                 run(b)
         else:
             list(pool.map(run, batches))
-        return len(x) / (time.perf_counter() - t0)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return len(x) / seconds, 1000.0 * cpu / len(x)
 
 
 def visionpipe_predict(model: Path, folder: Path, out: Path, batch_size: int, **options: Any) -> dict[str, Any]:
@@ -55,6 +62,34 @@ def visionpipe_predict(model: Path, folder: Path, out: Path, batch_size: int, **
     warm = np.zeros((batch_size, 3, *meta["input_size"]), np.float32)
     backend.run({backend.input_names[0]: warm})  # the raw loop gets a warm-up batch too
     return task.predict(backend, meta, str(folder), out, {"batch_size": batch_size, "top_k": 5, **options})
+
+
+def predict_host_cpu_ms(model: Path, folder: Path, out: Path, batch_size: int) -> float:
+    """Process CPU ms per image of predict's work around the model, the model replaced by outputs made once.
+
+    Listing, reading, decoding, preprocessing, batching, postprocessing and writing run exactly as
+    in :func:`visionpipe_predict`; on a CPU-bound machine this is what predict adds to the raw loop.
+    """
+    from visionpipe.infer.backends import Backend, open_backend
+    from visionpipe.manager import get_manager
+
+    real, meta = open_backend(str(model), "cpu", streams=None)
+    outputs = real.run({real.input_names[0]: np.zeros((batch_size, 3, *meta["input_size"]), np.float32)})
+
+    class Precomputed(Backend):
+        """Returns the first rows of ``outputs`` for any batch (no model work)."""
+
+        input_names, streams, on_cpu, name = real.input_names, real.streams, True, "precomputed"
+
+        def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            n = len(next(iter(feed.values())))
+            return [o[:n] for o in outputs]
+
+    shutil.rmtree(out, ignore_errors=True)
+    task = get_manager().task(meta["task"])
+    c0 = time.process_time()
+    summary = task.predict(Precomputed(), meta, str(folder), out, {"batch_size": batch_size, "top_k": 5})
+    return 1000.0 * (time.process_time() - c0) / max(1, summary["images"])
 
 
 def torch_tutorial(bench: Bench, folder: Path, batch_size: int) -> float:

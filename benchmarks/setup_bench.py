@@ -157,23 +157,40 @@ def quantize(run_dir: Path, fp32: Path, int8: Path) -> dict[str, Any]:
     return quantize_export(fp32, int8, "static", predictor, train_paths(run_dir), paths, labels, 256)
 
 
-def image_folder(bench: Bench, name: str, count: int) -> Path:
-    """A folder of ``count`` images: hard links to the generated images, cycled (decoding cost is real)."""
-    folder = bench.root / "images" / f"{name}-{count}"
+IMAGE_FORMATS = ("png", "jpeg")
+
+
+def image_folder(bench: Bench, name: str, count: int, fmt: str = "png") -> Path:
+    """A folder of ``count`` images, the generated ones cycled (decoding cost is real).
+
+    ``png``: hard links to the generated PNGs. ``jpeg``: the same pictures re-encoded as JPEG
+    (quality 95, 4:2:0), the format of most large image collections.
+    """
+    folder = bench.root / "images" / (f"{name}-{count}" if fmt == "png" else f"{name}-{count}-{fmt}")
     marker = folder / ".complete"
     if marker.is_file():
         return folder
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"image format {fmt!r}: use one of {IMAGE_FORMATS}")
+    import cv2
+
     sources = train_paths(bench.run_dir) + eval_samples(bench.run_dir)[0]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         sub = folder / f"{i // 1000:03d}"
         sub.mkdir(exist_ok=True)
-        dest = sub / f"{i:06d}.png"
-        if not dest.exists():
-            try:
-                os.link(sources[i % len(sources)], dest)
-            except OSError:  # another file system: copy
-                dest.write_bytes(Path(sources[i % len(sources)]).read_bytes())
+        src = sources[i % len(sources)]
+        dest = sub / f"{i:06d}.{'png' if fmt == 'png' else 'jpg'}"
+        if dest.exists():
+            continue
+        if fmt == "jpeg":
+            if not cv2.imwrite(str(dest), cv2.imread(src), [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                raise OSError(f"cannot write {dest}")
+            continue
+        try:
+            os.link(src, dest)
+        except OSError:  # another file system: copy
+            dest.write_bytes(Path(src).read_bytes())
     marker.write_text(str(count))
     return folder
 

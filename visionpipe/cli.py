@@ -194,6 +194,7 @@ def predict(
     decode: Annotated[str, typer.Option("--decode", help="Decode in 'threads' or 'processes'.")] = "threads",
     streams: Annotated[int | None, typer.Option("--streams", min=1, help="Batches the model runs at once (default: cores for onnxruntime on the CPU, 1 for torch on the CPU, 2 on a GPU).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Model threads per stream (onnxruntime intra-op / torch); default: cores / streams.")] = None,
+    pin: Annotated[bool | None, typer.Option("--pin/--no-pin", help="Pin each model stream to its own core (default: when onnxruntime runs one single-threaded stream per core on the CPU).", show_default=False)] = None,
     graph_opt: Annotated[str, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all.")] = "all",
     spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let onnxruntime threads busy-wait (faster only when nothing else needs the cores).")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="torch backend: autocast (fp16 on CUDA, bf16 on CPU).")] = False,
@@ -219,7 +220,7 @@ def predict(
                                      graph_optimization=graph_opt, spinning=spinning, amp=amp)
     task_cls = get_manager().task(metadata.get("task", "?"))
     opts = {"batch_size": batch_size, "top_k": top_k, "save_images": save_images, "shard": shard,
-            "workers": workers, "decode": decode, "num": num, "seed": seed, "prompt": prompt}
+            "workers": workers, "decode": decode, "num": num, "seed": seed, "prompt": prompt, "pin": pin}
     for item in option or []:
         if "=" not in item:
             raise VisionpipeError(f"--option expects key=value (got '{item}')")

@@ -28,6 +28,9 @@ def test_quick_benchmark_prints_and_records_all_five_figures(tmp_path):
     assert res["quick"] is True and [f["number"] for f in res["figures"]] == [1, 2, 3, 4, 5]
     for f in res["figures"]:
         assert f["ratio"] > 0, f
+    cap = res["figures"][0]["data"]["ceiling"]  # figure 1 measures what predict can reach on this machine
+    assert cap["model_cpu_ms"] > 0 and cap["host_cpu_ms"] > 0 and 0 < cap["ceiling"] < 1
+    assert res["figures"][1]["data"]["raw_over_eager"] > 0
     int8 = res["figures"][2]["data"]["accuracy"]
     assert 0.0 <= int8["top1_fp32"] <= 1.0 and 0.0 <= int8["top1_int8"] <= 1.0
     assert res["figures"][4]["data"]["rss"]["1000"]["peak_rss_mb"] > 0

@@ -83,6 +83,34 @@ def test_output_is_identical_for_any_number_of_model_streams(tiny_model, tmp_pat
     assert outs[0] == outs[1] and len(outs[0][0].splitlines()) == 13
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux-only")
+def test_pinned_model_runners_each_keep_one_core_and_change_nothing(tiny_model, tmp_path):
+    from visionpipe.infer.runner import runner_cores
+
+    write_images(tmp_path / "in", 13)
+    cores = sorted(os.sched_getaffinity(0))
+    backend, meta = open_backend(str(tiny_model.onnx), "cpu", streams=len(cores), threads=1)
+    assert runner_cores(backend, len(cores), None) == (cores if len(cores) > 1 else [])  # auto: one runner per core
+    assert runner_cores(backend, len(cores), False) == []
+    assert runner_cores(open_backend(str(tiny_model.onnx), "cpu", streams=1)[0], 1, None) == []  # threads share
+    seen: list[set[int]] = []
+    real_run = backend.run
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        seen.append(os.sched_getaffinity(0))  # the calling runner thread's cores
+        return real_run(feed)
+
+    backend.run = run
+    pinned = predict((backend, meta), tmp_path / "in", tmp_path / "pinned", batch_size=2, workers=0, pin=True)
+    assert pinned["engine"]["runners_pinned"] is True
+    assert seen and all(len(c) == 1 and c <= set(cores) for c in seen)
+    assert os.sched_getaffinity(0) == set(cores)  # only the runner threads were pinned
+    seen.clear()
+    free = predict((backend, meta), tmp_path / "in", tmp_path / "free", batch_size=2, workers=0, pin=False)
+    assert free["engine"]["runners_pinned"] is False and all(c == set(cores) for c in seen)
+    assert (tmp_path / "pinned" / "predictions.jsonl").read_text() == (tmp_path / "free" / "predictions.jsonl").read_text()
+
+
 def test_resume_skips_done_inputs_and_cuts_a_torn_line(onnx_backend, tmp_path):
     write_images(tmp_path / "in", 10)
     write_bad_files(tmp_path / "in" / "bad")
