@@ -401,6 +401,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
     })
     log.info("run folder: %s (device %s)", run_path, device)
     ctx.hook.visionpipe_before_run(ctx=ctx)
+    finished = False  # every rank got through every stage: they can meet before the process group goes
     try:
         for stage in cfg.stage_list(loaded.extra_stages):
             ctx.hook.visionpipe_before_stage(stage=stage, ctx=ctx)
@@ -431,6 +432,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
             ctx.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             _write_manifest(ctx, "finished")
         ctx.hook.visionpipe_after_run(ctx=ctx, metrics=ctx.metrics)
+        finished = True
     except BaseException:
         if dist.is_main() and run_path.is_dir():
             try:
@@ -442,7 +444,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
         if handler:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        dist.cleanup()
+        dist.cleanup(finished)
     return ctx
 
 

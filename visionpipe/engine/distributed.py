@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -147,7 +148,22 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def cleanup() -> None:
-    """Tear down the process group if one is up."""
+GIL_HANDOVER_SECONDS = 0.1
+
+
+def cleanup(finished: bool = True) -> None:
+    """Tear down the process group if one is up; after a finished run, every rank meets first.
+
+    gloo's worker threads drop a finished collective's work a moment after the caller has moved
+    on, and a work holding a tensor made in Python needs the GIL to drop it (a barrier's work
+    also holds the works still in flight when it started). A rank that reaches interpreter
+    shutdown inside that moment is aborted: "terminate called without an active exception",
+    seen under load after the final weight broadcast; see pytorch/pytorch#179291. So after the
+    barrier this thread lets go of the GIL briefly, for those threads to finish. After a failure
+    the other ranks may be gone: no barrier then.
+    """
     if is_distributed():
+        if finished:
+            dist.barrier()
+            time.sleep(GIL_HANDOVER_SECONDS)  # releases the GIL to gloo's threads
         dist.destroy_process_group()
