@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -90,7 +92,7 @@ def spread(lo: float, hi: float, n: int) -> str:
     return f"median of {n} paired ratios, range {lo:.2f}-{hi:.2f}"
 
 
-def ceiling(b: Bench, folder: Path, x: Any, bs: int, reps: int = 3) -> dict[str, float]:
+def ceiling(b: Bench, folder: Path, x: np.ndarray, bs: int, reps: int = 3) -> dict[str, float]:
     """What predict can reach on this machine: the raw loop's CPU per image vs that plus predict's host work.
 
     On cores the model keeps busy, predict ÷ raw cannot exceed model / (model + host), both in
@@ -105,8 +107,7 @@ def ceiling(b: Bench, folder: Path, x: Any, bs: int, reps: int = 3) -> dict[str,
     return {"model_cpu_ms": model, "host_cpu_ms": host, "ceiling": model / (model + host)}
 
 
-def fig_predict_vs_raw(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
-    x = preprocessed(b, folder)
+def fig_predict_vs_raw(b: Bench, folder: Path, x: np.ndarray, bs: int, reps: int) -> Figure:
     out = b.root / "out-predict"
     res = alternate(
         reps,
@@ -125,8 +126,7 @@ def fig_predict_vs_raw(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
                   {"runs": res, "images": len(x), "batch_size": bs, "paired_range": [lo, hi], "ceiling": cap})
 
 
-def fig_predict_vs_torch(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
-    x = preprocessed(b, folder)
+def fig_predict_vs_torch(b: Bench, folder: Path, x: np.ndarray, bs: int, reps: int) -> Figure:
     out = b.root / "out-predict"
     res = alternate(
         reps,
@@ -143,8 +143,7 @@ def fig_predict_vs_torch(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
                   {"runs": res, "batch_size": bs, "paired_range": [lo, hi], "raw_over_eager": bound})
 
 
-def fig_int8(b: Bench, folder: Path, bs: int, reps: int) -> Figure:
-    x = preprocessed(b, folder)
+def fig_int8(b: Bench, x: np.ndarray, bs: int, reps: int) -> Figure:
     opts = predict_session()  # predict's session settings, for both
     res = alternate(reps, int8=lambda: measure.raw_onnxruntime(b.int8, x, bs, **opts),
                     fp32=lambda: measure.raw_onnxruntime(b.onnx, x, bs, **opts))
@@ -284,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(b.metadata['class_names'])} classes, {args.image_format.upper()} files; {info['cores']} cores of {info['cpu']}; "
               f"onnxruntime {info['onnxruntime']}, torch {info['torch']}; "
               f"load avg {info['load_avg_1min_at_start']:.1f}", flush=True)
-        runners = {1: lambda: fig_predict_vs_raw(b, folder, bs, reps),
-                   2: lambda: fig_predict_vs_torch(b, folder, bs, reps),
-                   3: lambda: fig_int8(b, folder, bs, reps),
+        # figures 1-3 share the decoded, preprocessed images (made once, only when one of them runs)
+        x = preprocessed(b, folder) if only & {1, 2, 3} else np.empty(0)
+        runners = {1: lambda: fig_predict_vs_raw(b, folder, x, bs, reps),
+                   2: lambda: fig_predict_vs_torch(b, folder, x, bs, reps),
+                   3: lambda: fig_int8(b, x, bs, reps),
                    4: lambda: fig_training(b, steps, bs, reps),
                    5: lambda: fig_memory(b, small, large, bs)}
         for k in sorted(only - set(GPU_FIGURES)):

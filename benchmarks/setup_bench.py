@@ -195,15 +195,10 @@ def image_folder(bench: Bench, name: str, count: int, fmt: str = "png") -> Path:
     return folder
 
 
-def preprocessed(bench: Bench, folder: Path, limit: int | None = None) -> np.ndarray:
+def preprocessed(bench: Bench, folder: Path) -> np.ndarray:
     """All images of ``folder`` decoded and preprocessed exactly as predict does (N, C, H, W float32)."""
     from visionpipe.images import iter_image_files, read_image
     from visionpipe_plugins.classification.task import ClassificationTask
 
     pred = ClassificationTask.predictor(bench.metadata, {})
-    xs = []
-    for i, p in enumerate(iter_image_files(folder)):
-        if limit is not None and i >= limit:
-            break
-        xs.append(pred.preprocess(read_image(p))[0]["images"])
-    return np.stack(xs)
+    return np.stack([pred.preprocess(read_image(p))[0]["images"] for p in iter_image_files(folder)])

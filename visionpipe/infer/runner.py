@@ -203,13 +203,13 @@ class _Engine:
     """Runs batches through the backend (from several threads) and writes records (from the main thread)."""
 
     def __init__(self, backend: Backend, predictor: Predictor, preds: JsonlAppender, errs: JsonlAppender,
-                 indexed: bool, img_dir: Path, src_root: Path | None) -> None:
+                 indexed: bool, img_dir: Path, src_root: Path | None, cores: list[int]) -> None:
         self.backend, self.predictor = backend, predictor
         self.preds, self.errs = preds, errs
         self.indexed, self.img_dir, self.src_root = indexed, img_dir, src_root
         self.stats = Stats()
         self.model_failures = 0
-        self.cores: list[int] = []  # runner_cores(): each runner thread pins itself on its first batch
+        self.cores = cores  # runner_cores(): each runner thread pins itself on its first batch
         self._pinned = threading.local()
         self._lock = threading.Lock()
         self._next_core = 0
@@ -354,8 +354,8 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     decoded = ordered_map(decoder, items, s.workers, s.window, pool=s.pool, chunk=chunk)
 
     preds, errs = JsonlAppender(pred_file), JsonlAppender(err_file)
-    engine = _Engine(backend, predictor, preds, errs, s.shard[1] > 1, out_dir / "images", src_root)
-    engine.cores = runner_cores(backend, s.streams, s.pin)
+    engine = _Engine(backend, predictor, preds, errs, s.shard[1] > 1, out_dir / "images", src_root,
+                     runner_cores(backend, s.streams, s.pin))
     stats = engine.stats
     # Each runner holds one batch and as many again wait decoded, so a runner never waits for the main
     # thread (which decodes and writes in between); memory: (2 x streams + 1) batches.
