@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from visionpipe import __version__
-from visionpipe.errors import ConfigError, VisionpipeError
+from visionpipe.errors import ConfigError, UsageError, VisionpipeError
 
 app = typer.Typer(
     name="visionpipe", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -66,7 +66,7 @@ def run(
     from visionpipe.pipeline import RunAlreadyFinished, run_pipeline
 
     if pipeline is None and resume is None:
-        raise VisionpipeError("give a PIPELINE file, or --resume RUN_DIR")
+        raise UsageError("give a PIPELINE file, or --resume RUN_DIR")
     try:
         ctx = run_pipeline(str(pipeline) if pipeline else None, set_ or [],
                            run_dir=str(run_dir) if run_dir else None, resume=str(resume) if resume else None)
@@ -99,7 +99,7 @@ def validate(
     from visionpipe.config import dump_yaml, load_config
 
     loaded = load_config(str(pipeline), set_ or [])
-    out.print(dump_yaml(loaded.resolved_dict()), end="", markup=False, highlight=False)
+    sys.stdout.write(dump_yaml(loaded.resolved_dict()))  # plain: a Console would wrap long lines into invalid YAML
     err.print(f"[green]ok[/]: {pipeline} (task {loaded.config.task}; stages: "
               f"{', '.join(loaded.config.stage_list(loaded.extra_stages))})")
 
@@ -118,7 +118,7 @@ def plugins(
         models = sorted({m for t in info.tasks if t in tasks for m in tasks[t].models})
         rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
                      "entry_point": info.entry_point, "tasks": info.tasks, "models": models,
-                     "stages": info.stages, "error": info.error})
+                     "stages": info.stages, "error": info.error, "warnings": info.warnings})
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -128,7 +128,8 @@ def plugins(
     for r in rows:
         table.add_row(r["name"], f"{r['distribution'] or '?'} {r['version'] or ''}", ", ".join(r["tasks"]),
                       ", ".join(r["models"][:12]) + (" …" if len(r["models"]) > 12 else ""), ", ".join(r["stages"]),
-                      f"[red]failed: {r['error']}[/]" if r["error"] else "[green]ok[/]")
+                      f"[red]failed: {escape(r['error'])}[/]" if r["error"] else
+                      f"[yellow]ok, but {escape('; '.join(r['warnings']))}[/]" if r["warnings"] else "[green]ok[/]")
     out.print(table)
 
 
@@ -152,11 +153,11 @@ def export(
     from visionpipe.export.onnx import export_onnx
 
     if format != "onnx":
-        raise VisionpipeError(f"--format {format}: only 'onnx' is supported")
+        raise UsageError(f"--format {format}: only 'onnx' is supported")
     if quantize not in (None, "int8"):
-        raise VisionpipeError(f"--quantize {quantize}: only 'int8' is supported")
+        raise UsageError(f"--quantize {quantize}: only 'int8' is supported")
     if calibration not in ("static", "dynamic"):
-        raise VisionpipeError(f"--calibration {calibration}: use static or dynamic")
+        raise UsageError(f"--calibration {calibration}: use static or dynamic")
     ckpt = source / "checkpoints" / "best.pt" if source.is_dir() else source
     task, model, state = task_and_model_from_checkpoint(ckpt)
     data = None
@@ -245,29 +246,29 @@ def merge(
 def _register_plugin_commands() -> None:
     from visionpipe.manager import get_manager
 
-    try:
-        get_manager().hook.visionpipe_register_commands(app=app)
-    except Exception as e:  # a plugin's CLI must not break ours
-        logging.getLogger(__name__).warning("a plugin failed to add commands: %s", e)
+    get_manager().register_commands(app)  # a plugin whose hook fails is reported, the others still register
+
+
+INTERRUPTED = ("[red]interrupted[/]: what was written so far is complete; run the same command again "
+               "(a pipeline: visionpipe run --resume RUN_DIR) to continue")
 
 
 def main() -> None:
     """Console-script entry point."""
-    _register_plugin_commands()
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        _register_plugin_commands()
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit; Ctrl-C inside a command is Exit(130)
     except SystemExit:
         raise
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except typer.Abort:
         err.print("[red]aborted[/]")
         sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: outputs written so far are complete; resume with --resume RUN_DIR")
-        sys.exit(130)
-    except ConfigError as e:
+    except KeyboardInterrupt:  # Ctrl-C outside a command (start-up: loading plugins)
+        code = 130
+    except (ConfigError, UsageError) as e:
         if debug:
             traceback.print_exc()
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
@@ -286,3 +287,7 @@ def main() -> None:
         err.print(f"[red]error:[/] {escape(type(e).__name__ + ': ' + str(e))} (run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+    if code == 130:
+        err.print(INTERRUPTED)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visionpipe.errors import ConfigError, did_you_mean
 
@@ -152,6 +153,8 @@ class EvaluateConfig(Block):
 
 
 STAGE_ORDER = ("load", "augment", "model", "train", "evaluate", "export", "predict")
+STAGE_NEEDS = {"augment": ("load",), "train": ("load", "model"), "evaluate": ("load", "model"),
+               "export": ("model",)}  # built-in stages that use what earlier stages of the same run made
 
 
 class PipelineConfig(Block):
@@ -159,7 +162,7 @@ class PipelineConfig(Block):
 
     task: str = Field(description="task plugin name, see `visionpipe plugins`")
     name: str | None = Field(None, description="run name; default: the file's stem")
-    seed: int = Field(0, ge=0, description="seed for Python, NumPy and torch RNGs")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for Python, NumPy and torch RNGs")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     output: str = Field("runs", description="folder that holds run folders")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
@@ -180,14 +183,19 @@ class PipelineConfig(Block):
                              "may pick non-deterministic algorithms); drop one of them")
         return self
 
-    @model_validator(mode="after")
-    def _stages_known(self) -> PipelineConfig:
-        if self.stages is not None:
-            known = set(type(self).model_fields) | set(_extra_stage_names)
-            for i, s in enumerate(self.stages):
+    @field_validator("stages")
+    @classmethod
+    def _stages_known(cls, stages: list[str] | None) -> list[str] | None:
+        if stages is not None:
+            known = set(cls.model_fields) | set(_extra_stage_names)
+            for s in stages:
                 if s not in STAGE_ORDER and s not in _extra_stage_names:
-                    raise ValueError(f"stages[{i}]: unknown stage '{s}'{did_you_mean(s, known)}")
-        return self
+                    raise ValueError(f"unknown stage '{s}'{did_you_mean(s, known)}")
+            for i, s in enumerate(stages):
+                missing = [n for n in STAGE_NEEDS.get(s, ()) if n not in stages[:i]]
+                if missing:
+                    raise ValueError(f"stage '{s}' needs {' and '.join(repr(n) for n in missing)} before it")
+        return stages
 
     def stage_list(self, extra: Mapping[str, Any] | None = None) -> list[str]:
         """Stages to run, in order."""
@@ -207,31 +215,52 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that remembers the line of every mapping key and sequence item."""
 
 
+MAX_YAML_VALUES = 100_000  # a pipeline has hundreds; nested aliases ("billion laughs") would have billions
+
+
 def _load_with_lines(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
     lines: dict[tuple, int] = {}
     try:
         node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
         raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", file=filename, line=line) from None
     if node is None:
         return {}, lines
+    count = 0
 
-    def walk(n: yaml.Node, path: tuple) -> None:
+    def walk(n: yaml.Node, path: tuple, parents: tuple[int, ...]) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"the YAML expands to more than {MAX_YAML_VALUES:,} values (nested aliases?)",
+                              file=filename, line=n.start_mark.line + 1)
+        if id(n) in parents:
+            raise ConfigError("a YAML alias refers to a value that contains it (a recursive structure)",
+                              file=filename, line=n.start_mark.line + 1)
         lines.setdefault(path, n.start_mark.line + 1)
         if isinstance(n, yaml.MappingNode):
+            first: dict[Any, int] = {}
             for k, v in n.value:
                 key = k.value
-                lines[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
+                if key in first and key != "<<":
+                    raise ConfigError(f"duplicate key '{key}' (first at line {first[key]}); YAML keeps only the last",
+                                      file=filename, line=k.start_mark.line + 1)
+                first[key] = lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,), parents + (id(n),))
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
                 lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
+                walk(v, path + (i,), parents + (id(n),))
 
-    walk(node, ())
+    walk(node, (), ())  # before constructing: refuses duplicate keys and alias bombs first
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", file=filename, line=line) from None
     return data, lines
 
 
@@ -243,6 +272,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects dotted.key=value (got '{item}')")
     key, raw = item.split("=", 1)
+    key = re.sub(r"\[(\d+)\]", r".\1", key)  # augment.train[0].p is augment.train.0.p
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set: bad key '{key}'")
     try:
@@ -270,6 +300,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
             if isinstance(cur, list):
                 cur = cur[_list_index(cur, k, keys[:depth + 1], item)]
                 continue
+            if cur.get(k) is not None and not isinstance(cur[k], (dict, list)):
+                raise ConfigError(f"cannot set '{'.'.join(keys[depth + 1:])}' inside {'.'.join(keys[:depth + 1])}: "
+                                  f"it is {cur[k]!r}, not a mapping (in --set {item})",
+                                  file="--set", field=".".join(keys[:depth + 1]))
             if not isinstance(cur.get(k), (dict, list)):
                 cur[k] = {}
             cur = cur[k]
@@ -431,6 +465,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     task_name = data.get("task")
     if task_name is None:
         raise source.error("required field is missing (name a task, see `visionpipe plugins`)", ("task",))
+    if not isinstance(task_name, str):
+        raise source.error(f"must be a task name, not {task_name!r} (see `visionpipe plugins`)", ("task",))
     tasks = manager.tasks
     if task_name not in tasks:
         from visionpipe.errors import unknown_name

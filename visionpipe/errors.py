@@ -27,6 +27,10 @@ class ConfigError(VisionpipeError):
         return f"{where}{field}{self.message}"
 
 
+class UsageError(VisionpipeError):
+    """The command line itself is wrong (missing argument, unsupported option value): exit code 2."""
+
+
 class DataError(VisionpipeError):
     """Input data (images, annotations, text) is missing or malformed."""
 

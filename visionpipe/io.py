@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -14,18 +15,49 @@ from typing import IO, Any
 TMP_PREFIX = ".vp-tmp-"
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give a new file (0o666 less the umask)."""
+    try:  # Linux: read the umask without changing it (changing it races with other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _mkstemp_like_open(target: Path, suffix: str = "") -> tuple[int, str]:
+    """A temporary file next to ``target`` with the permissions ``open()`` would give it (mkstemp's are 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent, suffix=suffix)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, _new_file_mode())
+    return fd, tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kw: Any) -> Iterator[IO]:
     """Open a temporary sibling of ``path``; on success move it into place, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    fd, tmp = _mkstemp_like_open(path)
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -33,18 +65,23 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kw: Any) -> Iterator
 
 
 def atomic_path(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
-    """Yield a temporary path next to ``path`` for writers that take a filename."""
+    """Yield a temporary path next to ``path`` for writers that take a filename; fsync and rename it after."""
 
     @contextlib.contextmanager
     def _ctx() -> Iterator[Path]:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent,
-                                   suffix=target.suffix)
+        fd, tmp = _mkstemp_like_open(target, suffix=target.suffix)
         os.close(fd)
         try:
             yield Path(tmp)
+            fd = os.open(tmp, os.O_RDONLY)  # the writer closed the file; its data must be on disk before the rename
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

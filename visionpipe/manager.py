@@ -34,6 +34,7 @@ class PluginInfo:
     stages: list[str] = field(default_factory=list)
     error: str | None = None
     detail: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class PluginManager:
@@ -127,6 +128,18 @@ class PluginManager:
             self.pm.hook.visionpipe_register_stages(register=found.append)
             self._stages = {s.name: s for s in found}
         return self._stages
+
+    def register_commands(self, app: Any) -> None:
+        """Let each loaded plugin add CLI commands; one that fails is recorded and warned about, the rest still run."""
+        infos = {i.name: i for i in self.infos}
+        for impl in self.pm.hook.visionpipe_register_commands.get_hookimpls():
+            try:
+                impl.function(**{name: app for name in impl.argnames})  # the spec's only argument is `app`
+            except Exception as e:  # a plugin's CLI must not break ours or another plugin's
+                problem = f"visionpipe_register_commands failed: {type(e).__name__}: {e}"
+                if impl.plugin_name in infos:
+                    infos[impl.plugin_name].warnings.append(problem)
+                log.warning("plugin %s: %s", impl.plugin_name, problem)
 
     def task(self, name: str) -> type[Task]:
         """The task class called ``name``; a clear error listing valid names otherwise."""

@@ -142,3 +142,35 @@ def test_set_reaches_into_lists_by_index(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p, ["augment.train.3.p=0.25"])
     assert str(e.value).startswith("--set: augment.train.3: '3' is not an index of this list (it has 1 items)")
+
+
+def test_set_takes_brackets_for_list_items_and_refuses_keys_inside_scalars(tmp_path):
+    p = write(tmp_path, BASE + "augment:\n  train:\n    - {name: HorizontalFlip, p: 0.5}\n")
+    assert load_config(p, ["augment.train[0].p=0.1"]).config.augment.train[0]["p"] == 0.1
+    for override, message in (("seed.x=1", "--set: seed: cannot set 'x' inside seed: it is 0, not a mapping"),
+                              ("task=[a]", "--set: task: must be a task name, not ['a']"),
+                              ("seed=99999999999999999999", "--set: seed: must be <= 4294967295"),
+                              ("stages=[load, trian]", "--set: stages: unknown stage 'trian'")):
+        with pytest.raises(ConfigError) as e:
+            load_config(p, [override])
+        assert str(e.value).startswith(message), override
+
+
+def test_stages_need_the_stages_they_build_on(tmp_path):
+    with pytest.raises(ConfigError, match="stage 'train' needs 'load' and 'model' before it"):
+        load_config(write(tmp_path, BASE + "stages: [train]\n"))
+    with pytest.raises(ConfigError, match="stage 'evaluate' needs 'load' before it"):
+        load_config(write(tmp_path, BASE + "stages: [model, evaluate, load]\n"))
+    assert load_config(write(tmp_path, BASE + "stages: [load, augment, model, export]\n")).config.stages[-1] == "export"
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE + "train:\n  epochs: 5\n", "p.yaml:10: duplicate key 'train' (first at line 5)"),
+    (BASE + "x: &a [*a]\n", "p.yaml:10: a YAML alias refers to a value that contains it"),
+    (BASE + "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+     + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef")),
+     "the YAML expands to more than 100,000 values"),
+])
+def test_yaml_duplicates_and_alias_bombs_are_refused(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(write(tmp_path, text))

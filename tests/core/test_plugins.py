@@ -81,3 +81,31 @@ def test_third_party_task_runs_a_full_pipeline(site, tmp_path):
     assert (out / "model.onnx").is_file()
     lines = (out / "predictions" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 24 and "brightness" in json.loads(lines[0])
+
+
+def test_a_plugin_whose_commands_hook_fails_leaves_the_others_commands(tmp_path):
+    import typer
+
+    from visionpipe import hookimpl
+
+    class FailingCommands:
+        @hookimpl
+        def visionpipe_register_commands(self, app):
+            raise RuntimeError("cmd boom")
+
+    class GoodCommands:
+        @hookimpl
+        def visionpipe_register_commands(self, app):
+            @app.command("hello-cmd")
+            def hello_cmd() -> None:
+                """Say hello."""
+
+    mgr = PluginManager(load_entry_points=False)
+    mgr.register(GoodCommands(), "good")
+    mgr.register(FailingCommands(), "zbad")  # pluggy calls later registrations first
+    app = typer.Typer()
+    mgr.register_commands(app)
+    assert [c.name for c in app.registered_commands] == ["hello-cmd"]
+    infos = {i.name: i for i in mgr.infos}
+    assert infos["zbad"].warnings == ["visionpipe_register_commands failed: RuntimeError: cmd boom"]
+    assert infos["zbad"].error is None and infos["good"].warnings == []

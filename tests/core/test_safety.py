@@ -11,7 +11,7 @@ import torch
 
 from visionpipe.engine.checkpoint import load_checkpoint, save_checkpoint
 from visionpipe.errors import UnsafePathError, VisionpipeError
-from visionpipe.io import TMP_PREFIX, atomic_open, clean_stale_tmp, write_json
+from visionpipe.io import TMP_PREFIX, atomic_open, atomic_path, clean_stale_tmp, write_json
 from visionpipe.paths import resolve_under
 
 
@@ -112,3 +112,27 @@ def test_importing_visionpipe_makes_no_network_request() -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0", out.stderr
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"v": 1})
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"weights")
+        (tmp_path / "c.txt").write_text("plain open")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.json": modes["c.txt"], "b.bin": modes["c.txt"], "c.txt": modes["c.txt"]}
+    assert modes["c.txt"] & 0o044  # readable by others, not mkstemp's 0600
+
+
+def test_atomic_path_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    with atomic_path(tmp_path / "last.pt") as tmp:
+        tmp.write_bytes(b"checkpoint")
+    assert calls[:2] == ["fsync", "replace"] and (tmp_path / "last.pt").read_bytes() == b"checkpoint"
