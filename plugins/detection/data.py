@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from visionpipe.augment import SeededAugmentation, build_transform
-from visionpipe.errors import DataError
+from visionpipe.errors import DataError, ImageReadError
 from visionpipe.images import BadImage, check_images, read_image
 from visionpipe.paths import resolve_under
 from visionpipe_plugins.detection.config import DetectionAugmentConfig, LoadConfig
@@ -159,14 +159,24 @@ def _categories(cfg: LoadConfig, raws: dict[str, RawSplit]) -> Categories:
     return Categories(ids, [seen[k] for k in keys], {k: i + 1 for i, k in enumerate(keys)})
 
 
-def to_records(raw: RawSplit, cats: Categories, split: str, cfg: LoadConfig) -> tuple[list[ImageRecord], int]:
-    """Map keys to labels, clip boxes to the image, drop degenerate boxes; return records and dropped count."""
+def to_records(raw: RawSplit, cats: Categories, split: str,
+               cfg: LoadConfig) -> tuple[list[ImageRecord], int, list[BadImage]]:
+    """Map keys to labels, clip boxes to the image, drop degenerate boxes.
+
+    Returns the records, the dropped box count, and the images left out because their size
+    (needed to clip boxes, when the annotations do not give it) could not be read.
+    """
     records: list[ImageRecord] = []
+    unreadable: list[BadImage] = []
     dropped, example, unknown = 0, "", 0
     for im in raw.images:
         w, h = im.width, im.height
         if im.objects and (w <= 0 or h <= 0):
-            w, h = image_size(im.path)
+            try:
+                w, h = image_size(im.path)
+            except ImageReadError as e:
+                unreadable.append(BadImage(e.path, e.reason))
+                continue
         boxes, labels, crowd, areas = [], [], [], []
         for o in im.objects:
             label = cats.key_to_label.get(o.key)
@@ -192,24 +202,32 @@ def to_records(raw: RawSplit, cats: Categories, split: str, cfg: LoadConfig) -> 
                     "image), e.g. %s", split, dropped, cfg.min_box_size, example)
     if unknown:
         log.info("load.%s: %d box(es) of categories outside load.classes left out", split, unknown)
-    return records, dropped
+    return records, dropped, unreadable
 
 
-def _check(records: list[ImageRecord], split: str, enabled: bool) -> tuple[list[ImageRecord], list[BadImage]]:
-    """Drop records whose image cannot be decoded; all missing is an error (a wrong images folder)."""
-    if not records:
-        return records, []
-    missing = [r for r in records if not Path(r.path).is_file()]
-    if len(missing) == len(records):
-        raise DataError(f"load.{split}: none of its {len(records)} image(s) exist, e.g. {missing[0].path} "
-                        f"(file_name '{missing[0].file_name}'); check load.{split}.images")
-    if not enabled:
-        return records, []
-    good, bad = check_images([r.path for r in records])
-    ok = set(good)
+def _check(records: list[ImageRecord], split: str, enabled: bool,
+           unreadable: list[BadImage] | None = None) -> tuple[list[ImageRecord], list[BadImage]]:
+    """Drop records whose image cannot be decoded; all missing is an error (a wrong images folder).
+
+    ``unreadable``: images already left out by the annotation reader; they count for that error and
+    are returned with the bad ones.
+    """
+    missing = [r.path for r in records if not Path(r.path).is_file()]
+    unreadable = unreadable or []
+    missing += [b.path for b in unreadable if not Path(b.path).is_file()]
+    total = len(records) + len(unreadable)
+    if total and len(missing) == total:
+        name = next((r.file_name for r in records if r.path == missing[0]), Path(missing[0]).name)
+        raise DataError(f"load.{split}: none of its {total} image(s) exist, e.g. {missing[0]} "
+                        f"(file_name '{name}'); check load.{split}.images")
+    bad = list(unreadable)
+    if enabled and records:
+        good, more = check_images([r.path for r in records])
+        ok = set(good)
+        records, bad = [r for r in records if r.path in ok], bad + more
     for b in bad:
         log.warning("load.%s: skipping unreadable image %s: %s", split, b.path, b.reason)
-    return [r for r in records if r.path in ok], bad
+    return records, bad
 
 
 def dataset_root(cfg: LoadConfig) -> Path:
@@ -236,8 +254,8 @@ def load_splits(cfg: LoadConfig) -> tuple[dict[str, list[ImageRecord]], Categori
     inputs: list[Path] = []
     stats: dict[str, Any] = {}
     for split, raw in raws.items():
-        recs, dropped = to_records(raw, cats, split, cfg)
-        recs, bad = _check(recs, split, cfg.check_images)
+        recs, dropped, unreadable = to_records(raw, cats, split, cfg)
+        recs, bad = _check(recs, split, cfg.check_images, raw.skipped + unreadable)
         records[split] = recs
         bad_all += bad
         inputs += raw.files

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from visionpipe.errors import DataError
-from visionpipe.images import iter_image_files
+from visionpipe.errors import DataError, ImageReadError
+from visionpipe.images import BadImage, iter_image_files
 from visionpipe.paths import resolve_under
 
 
@@ -50,23 +50,27 @@ class RawImage:
 
 @dataclass
 class RawSplit:
-    """What a reader found for one split: images and categories as (key, name) pairs."""
+    """What a reader found for one split: images, categories as (key, name) pairs, images it could not read."""
 
     images: list[RawImage]
     categories: list[tuple[Any, str]]
     files: list[Path] = field(default_factory=list)
+    skipped: list[BadImage] = field(default_factory=list)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as :func:`visionpipe.images.read_image` will return it (EXIF rotation applied)."""
+    """(width, height) as :func:`visionpipe.images.read_image` will return it (EXIF rotation applied).
+
+    Raises ImageReadError (a DataError) when the file is missing or its header cannot be read.
+    """
     try:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
+        raise ImageReadError(str(path), "file not found") from None
     except Exception as e:
-        raise DataError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
+        raise ImageReadError(str(path), f"cannot read image header ({type(e).__name__}: {e})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -272,7 +276,10 @@ def parse_yolo_txt(txt: Path, width: int, height: int, num_classes: int) -> list
 
 
 def read_yolo(root: Path, ann: str | None, images: str | None, split: str, classes: list[str]) -> RawSplit:
-    """A YOLO split: images under ``images``, one ``.txt`` per image under the labels folder (none = negative)."""
+    """A YOLO split: images under ``images``, one ``.txt`` per image under the labels folder (none = negative).
+
+    An image with labels whose size cannot be read is left out and listed in ``skipped``.
+    """
     if images is None:
         raise DataError(f"load.{split}.images: required for yolo (e.g. images/{split})")
     image_root = resolve_under(root, images, what=f"load.{split}.images")
@@ -286,15 +293,20 @@ def read_yolo(root: Path, ann: str | None, images: str | None, split: str, class
         ann = str(Path(*["labels" if p == "images" else p for p in rel.parts]))
     label_root = resolve_under(root, ann, what=f"load.{split}.annotations")
     recs: list[RawImage] = []
+    skipped: list[BadImage] = []
     for i, p in enumerate(iter_image_files(image_root)):
         rel = p.relative_to(image_root)
         txt = label_root / rel.with_suffix(".txt")
         rec = RawImage(str(p), i + 1, 0, 0, str(rel), str(txt))
         if txt.is_file():
-            w, h = image_size(p)
+            try:
+                w, h = image_size(p)
+            except ImageReadError as e:
+                skipped.append(BadImage(e.path, e.reason))
+                continue
             rec.width, rec.height = w, h
             rec.objects = parse_yolo_txt(txt, w, h, len(classes))
         recs.append(rec)
-    if not recs:
+    if not recs and not skipped:
         raise DataError(f"load.{split}.images: no images in {image_root}")
-    return RawSplit(recs, list(enumerate(classes)), [])
+    return RawSplit(recs, list(enumerate(classes)), [], skipped)

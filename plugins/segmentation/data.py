@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from visionpipe.augment import SeededAugmentation
@@ -20,7 +21,7 @@ from visionpipe.paths import resolve_under
 from visionpipe_plugins.segmentation.coco import CocoImage, read_coco, render_mask
 from visionpipe_plugins.segmentation.config import LoadConfig
 from visionpipe_plugins.segmentation.generate import generate_shapes
-from visionpipe_plugins.segmentation.masks import mask_palette, mask_size, read_mask, voc_palette
+from visionpipe_plugins.segmentation.masks import mask_palette, read_mask, voc_palette
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,25 @@ def scan_mask_list(list_file: Path, root: Path, cfg: LoadConfig, split: str) -> 
     return samples
 
 
-def check_pairs(samples: list[Sample], workers: int | None = None) -> tuple[list[Sample], list[BadImage]]:
-    """Decode every image once; skip unreadable ones; raise DataError for masks of another size."""
+def _decode_error(path: str) -> str | None:
+    """Why PIL cannot decode ``path`` (missing, not an image, corrupt), or None when it can."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as e:  # any decoder failure: the file is unusable
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_pairs(samples: list[Sample], workers: int | None = None, num_classes: int | None = None,
+                ignore_index: int = 255) -> tuple[list[Sample], list[BadImage]]:
+    """Decode every image and mask once; skip pairs with an unreadable file; raise DataError for wrong masks.
+
+    A wrong mask is one of another size than its image, a colour image, or (given ``num_classes``)
+    one with values that are neither a class nor ``ignore_index``.
+    """
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
     def probe(s: Sample) -> BadImage | str | None:
@@ -149,13 +167,28 @@ def check_pairs(samples: list[Sample], workers: int | None = None) -> tuple[list
             img = read_image(s.image)
         except ImageReadError as e:
             return BadImage(s.image, e.reason)
-        h, w = (s.coco.height, s.coco.width) if s.coco else mask_size(s.mask)
+        if s.coco:
+            h, w = s.coco.height, s.coco.width
+        else:
+            try:
+                mask = read_mask(s.mask)
+            except DataError as e:
+                why = _decode_error(s.mask)
+                if why is None:  # it decodes, so the content is wrong (e.g. a colour image): an error
+                    return str(e)
+                return BadImage(s.mask, f"cannot read mask ({why}); its image {s.image} is left out")
+            h, w = mask.shape[:2]
+            if num_classes is not None and (h, w) == img.shape[:2]:
+                try:
+                    check_labels(mask, num_classes, ignore_index, s.describe_mask())
+                except DataError as e:
+                    return str(e)
         if (h, w) != img.shape[:2]:
             return (f"{s.image}: image is {img.shape[1]}x{img.shape[0]} but its mask {s.describe_mask()} is "
-                    f"{w}x{h} (width x height)")
+                    f"{w}x{h} (width x height); image and mask sizes must match")
         return None
 
-    good, bad, mismatched = [], [], []
+    good, bad, wrong = [], [], []
     with ThreadPoolExecutor(workers) as pool:
         for s, res in zip(samples, pool.map(probe, samples), strict=True):
             if res is None:
@@ -163,10 +196,10 @@ def check_pairs(samples: list[Sample], workers: int | None = None) -> tuple[list
             elif isinstance(res, BadImage):
                 bad.append(res)
             else:
-                mismatched.append(res)
-    if mismatched:
-        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        raise DataError(f"{mismatched[0]}; image and mask sizes must match{more}")
+                wrong.append(res)
+    if wrong:
+        more = f" (and {len(wrong) - 1} more wrong mask(s))" if len(wrong) > 1 else ""
+        raise DataError(f"{wrong[0]}{more}")
     return good, bad
 
 
@@ -185,7 +218,12 @@ def infer_classes(samples: list[Sample], ignore_index: int) -> list[str]:
     """Names class_0..class_K from the largest label found in the masks (when no names are given)."""
     hi = 0
     for s in samples:
-        m = load_mask(s, ignore_index)
+        try:
+            m = load_mask(s, ignore_index)
+        except DataError:
+            if s.mask and _decode_error(s.mask) is not None:  # unreadable: check_pairs skips and reports it
+                continue
+            raise
         vals = m[m != ignore_index]
         if vals.size:
             hi = max(hi, int(vals.max()))
@@ -232,15 +270,20 @@ def load_splits(cfg: LoadConfig) -> tuple[dict[str, list[Sample]], dict[str, Any
     if cfg.ignore_index < len(classes):
         raise ConfigError(f"{cfg.ignore_index} is a class index (classes are 0..{len(classes) - 1}); "
                           f"use a value >= {len(classes)}, e.g. 255", field="load.ignore_index")
-    first = next(iter(samples.values()))[0]
-    palette = (mask_palette(first.mask, len(classes)) if first.mask else None) or voc_palette(len(classes))
     bad_all: list[BadImage] = []
     if cfg.check_images:
         for split in list(samples):
-            samples[split], bad = check_pairs(samples[split])
+            samples[split], bad = check_pairs(samples[split], num_classes=len(classes),
+                                              ignore_index=cfg.ignore_index)
             bad_all += bad
             for b in bad:
-                log.warning("skipping unreadable image %s: %s", b.path, b.reason)
+                log.warning("skipping unreadable file %s: %s", b.path, b.reason)
+    first = next((s.mask for split in samples.values() for s in split if s.mask), None)
+    try:
+        palette = mask_palette(first, len(classes)) if first else None
+    except (OSError, ValueError, SyntaxError):  # an unreadable mask when check_images is off
+        palette = None
+    palette = palette or voc_palette(len(classes))
     info = {"class_names": classes, "palette": palette, "ignore_index": cfg.ignore_index}
     return samples, info, bad_all, inputs
 

@@ -160,3 +160,88 @@ def test_pipeline_trains_with_cuda_decoding(tmp_path, jpeg_data):
             "--set", "train.amp=bf16", "--set", "train.channels_last=true", "--set", "train.num_workers=2",
             "--set", "train.persistent_workers=true", cwd=tmp_path, timeout=300)
     assert (tmp_path / "r" / "checkpoints" / "best.pt").is_file()
+
+
+def _broken_jpeg(good: Path, out: Path) -> Path:
+    """``good`` with a marker byte in the middle of its scan: the header is fine, the pixels cannot be decoded."""
+    data = good.read_bytes()
+    mid = data.index(b"\xff\x00", len(data) // 2)
+    out.write_bytes(data[:mid + 1] + b"\x55" * 64 + data[mid + 65:])
+    return out
+
+
+def test_unreadable_files_are_reported_once_and_left_out_of_the_batch(tmp_path, jpeg_data):
+    from visionpipe.engine.device_data import _plain_jpeg
+
+    good = sorted((jpeg_data / "val" / "red").glob("0*.jpg"))
+    bad_jpeg = _broken_jpeg(good[0], tmp_path / "broken.jpg")
+    assert _plain_jpeg(bad_jpeg.read_bytes()), "it passes the worker's header check and reaches decode_jpeg"
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    samples = [(str(good[1]), 0), (str(bad_jpeg), 1), (str(text), 1), (str(tmp_path / "gone.jpg"), 0),
+               (str(good[2]), 1)]
+    enc = EncodedImages(samples)
+    errors = tmp_path / "data_errors.jsonl"
+    aug = DeviceAugment.from_config(AugmentConfig(image_size=(24, 32)), train=True)
+    transform = DeviceTransform(aug, torch.device("cpu"), errors_file=errors)
+    batch = collate_encoded([enc[i] for i in range(len(enc))])
+    x, y = transform(batch)  # used to raise RuntimeError: decode_jpeg ... Unsupported marker type 0x55
+    # training keeps the batch size: the readable images, in turn, stand in for the others (own flips)
+    assert x.shape == (5, 3, 24, 32) and y.tolist() == [0, 0, 1, 0, 1]
+    ref, _ = transform(collate_encoded([enc[0], enc[4]]))
+    assert torch.equal(x[[0, 4]], ref)
+    eval_transform = DeviceTransform(DeviceAugment.from_config(AugmentConfig(image_size=(24, 32)), train=False),
+                                     torch.device("cpu"), errors_file=errors)
+    x, y = eval_transform(batch)  # evaluation leaves them out
+    assert x.shape == (2, 3, 24, 32) and y.tolist() == [0, 1]
+    assert torch.equal(x, eval_transform(collate_encoded([enc[0], enc[4]]))[0])
+    transform(batch)  # a second epoch: nothing new to report
+    reported = [json.loads(line) for line in errors.read_text().splitlines()]
+    names = ["broken.jpg", "text.png", "gone.jpg"]
+    assert [Path(r["path"]).name for r in reported] == names + names  # once per transform (train, eval)
+    assert "cannot decode" in reported[0]["error"] and "file not found" in reported[2]["error"]
+
+
+def test_a_jpeg_the_device_decoder_rejects_is_read_on_the_cpu(tmp_path, jpeg_data):
+    """nvJPEG refuses some JPEGs libjpeg reads: those fall back to read_image, to the ordinary path's pixels."""
+    task, data, _ = _task_and_data(tmp_path, jpeg_data)
+    src = task.device_images(data.val)
+    enc = EncodedImages(src.samples)
+    batch = collate_encoded([enc[i] for i in range(len(enc))])
+    transform = DeviceTransform(DeviceAugment.from_config(src.augment, train=False), torch.device("cpu"))
+    ref, _ = transform(batch)
+    items = list(batch[0])
+    i = next(k for k, t in enumerate(items) if t.dim() == 1)
+    items[i] = torch.frombuffer(bytearray(_broken_jpeg(Path(batch[3][i]), tmp_path / "b.jpg").read_bytes()),
+                                dtype=torch.uint8)  # bytes the decoder rejects, for a file that reads fine
+    x, y = transform((items, *batch[1:]))
+    assert torch.equal(x, ref) and torch.equal(y, batch[2])
+
+
+def test_a_batch_of_only_unreadable_files(tmp_path, jpeg_data):
+    """Training repeats the previous batch (every rank takes the same number of steps); evaluation skips it."""
+    from torch.utils.data import DataLoader
+
+    from visionpipe.engine.device_data import DeviceBatches
+
+    good = sorted((jpeg_data / "train" / "blue").glob("0*.jpg"))
+    bad = _broken_jpeg(good[0], tmp_path / "broken.jpg")
+    enc = EncodedImages([(str(good[1]), 0), (str(good[2]), 1), (str(bad), 1), (str(tmp_path / "gone.png"), 0)])
+    for train, labels in ((True, [[0, 1], [0, 1]]), (False, [[0, 1]])):
+        aug = DeviceAugment.from_config(AugmentConfig(image_size=(24, 32)), train=train)
+        batches = DeviceBatches(DataLoader(enc, batch_size=2, collate_fn=collate_encoded),
+                                DeviceTransform(aug, torch.device("cpu")))
+        assert [y.tolist() for _, y in batches] == labels
+
+
+@pytest.mark.slow
+def test_a_corrupt_jpeg_does_not_stop_a_device_decoding_run(tmp_path, jpeg_data):
+    """Without the load check the corrupt file reaches decode_jpeg mid-epoch: it is reported, the run goes on."""
+    one = jpeg_data / "train" / "red" / "001.jpg"
+    _broken_jpeg(one, one)  # the same number of files: batches are as large as in a clean run
+    _, _, p = _task_and_data(tmp_path, jpeg_data, epochs=1)
+    run_cli("run", str(p), "--run-dir", "r", "--set", "train.decode=device", "--set", "load.check_images=false",
+            cwd=tmp_path, timeout=300)
+    log = (tmp_path / "r" / "run.log").read_text()
+    assert "skipping unreadable image" in log and "001.jpg" in log
+    assert (tmp_path / "r" / "checkpoints" / "best.pt").is_file()

@@ -169,3 +169,90 @@ def test_unusual_files_take_the_general_path(tmp_path):
     assert not _fast_decodable(trunc.read_bytes())
     with pytest.raises(ImageReadError, match="cannot decode"):
         read_image(trunc)
+
+
+def _corrupt_scan(data: bytes, fill: bytes) -> bytes:
+    """``data`` with 64 bytes in the middle of its entropy-coded scan overwritten by ``fill``; SOI/EOI kept."""
+    out = bytearray(data)
+    mid = len(out) // 2
+    out[mid:mid + 64] = (fill * 64)[:64]
+    assert out[:2] == b"\xff\xd8" and out[-2:] == b"\xff\xd9"
+    return bytes(out)
+
+
+def test_a_corrupt_jpeg_scan_fails_on_the_fast_path_as_in_pil(tmp_path):
+    from visionpipe.images import _fast_decodable
+
+    good = tmp_path / "good.jpg"
+    Image.fromarray(photo(96, 128)).save(good, quality=90)
+    data = good.read_bytes()
+    # a marker byte where pixels should be: libjpeg fails (OpenCV only warned and returned garbage)
+    mid = data.index(b"\xff\x00", len(data) // 2)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(data[:mid + 1] + b"\x55" * 64 + data[mid + 65:])
+    assert _fast_decodable(bad.read_bytes())  # the header looks fine: it takes the fast path
+    with pytest.raises(OSError):
+        pil_reference(bad)
+    with pytest.raises(ImageReadError, match="cannot decode") as e:
+        read_image(bad)
+    assert e.value.path == str(bad)
+    assert check_images([str(good), str(bad)])[0] == [str(good)]
+    # random damage: read_image rejects exactly what PIL rejects, and gives PIL's pixels for the rest
+    rng = np.random.default_rng(0)
+    rejected = 0
+    for i in range(24):
+        p = tmp_path / f"r{i}.jpg"
+        p.write_bytes(_corrupt_scan(data, rng.integers(0, 256, 64, dtype=np.uint8).tobytes()))
+        try:
+            ref = pil_reference(p)
+        except OSError:
+            rejected += 1
+            with pytest.raises(ImageReadError, match="cannot decode"):
+                read_image(p)
+        else:
+            assert np.array_equal(read_image(p), ref)
+    assert rejected >= 3  # the sweep did test rejection
+
+
+def test_a_corrupt_png_fails_on_the_fast_path(tmp_path):
+    from visionpipe.images import _fast_decodable
+
+    p = tmp_path / "bad.png"
+    Image.fromarray(photo()).save(p)
+    data = bytearray(p.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = b"\x55" * 64  # inside IDAT: the chunk CRC no longer matches
+    p.write_bytes(bytes(data))
+    assert _fast_decodable(bytes(data))
+    with pytest.raises(ImageReadError, match="cannot decode"):
+        read_image(p)
+
+
+def test_16bit_scaling_depends_on_the_bit_depth_not_on_the_brightest_pixel(tmp_path):
+    import cv2
+
+    values = np.array([0, 200, 256, 1000, 25700, 32768, 65535], np.uint16)
+    dim = np.tile(values, (8, 2))
+    dim[dim == 65535] = 255  # the same file but for its brightest pixel: all values <= 255
+    bright = np.tile(values, (8, 2))
+    Image.fromarray(bright).save(tmp_path / "bright.png")
+    Image.fromarray(dim).save(tmp_path / "dim.png")
+    Image.fromarray(bright).save(tmp_path / "bright.tif")
+    assert cv2.imwrite(str(tmp_path / "rgb16.png"), np.dstack([bright] * 3))  # 16-bit colour: Pillow gives RGB
+    assert Image.open(tmp_path / "dim.png").mode.startswith("I;16")
+    expect = (np.tile(values, (8, 2)) >> 8).astype(np.uint8)  # the top 8 bits, as Pillow does for 16-bit colour
+    out = {name: read_image(tmp_path / name)[..., 0] for name in ("bright.png", "dim.png", "bright.tif", "rgb16.png")}
+    assert np.array_equal(out["bright.png"], expect)
+    assert np.array_equal(out["bright.tif"], expect) and np.array_equal(out["rgb16.png"], expect)
+    keep = np.tile(values, (8, 2)) != 65535
+    assert np.array_equal(out["dim.png"][keep], expect[keep]) and out["dim.png"][0, 1] == 0  # 200 -> 0, not 200
+
+
+def test_float_images_are_taken_as_0_to_1(tmp_path):
+    values = np.array([0.0, 0.25, 0.5, 1.0, 3.0, -1.0, np.nan], np.float32)
+    Image.fromarray(np.tile(values, (8, 2))).save(tmp_path / "f.tif")
+    Image.fromarray(np.tile(values[:4], (8, 2))).save(tmp_path / "f01.tif")
+    assert Image.open(tmp_path / "f.tif").mode == "F"
+    out = read_image(tmp_path / "f.tif")[0, :7, 0]
+    assert out.tolist() == [0, 64, 128, 255, 255, 0, 0]  # clipped; NaN is 0
+    assert read_image(tmp_path / "f01.tif")[0, :4, 0].tolist() == out[:4].tolist()  # whatever the maximum

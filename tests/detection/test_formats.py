@@ -119,6 +119,50 @@ def test_missing_images_all_is_an_error_some_is_skipped(coco_root: Path) -> None
     assert "file not found" in reasons["b.png"] and "c.png" in reasons
 
 
+def _unreadable_images(folder: Path) -> None:
+    """A text file named .jpg and a zero-byte .png: their headers cannot be read."""
+    (folder / "text.jpg").write_text("this is not a picture")
+    (folder / "empty.png").write_bytes(b"")
+
+
+def test_coco_images_without_size_that_cannot_be_read_are_skipped(coco_root: Path) -> None:
+    _unreadable_images(coco_root / "imgs")
+    doc = json.loads((coco_root / "train.json").read_text())
+    doc["images"] += [{"id": 20, "file_name": "text.jpg"}, {"id": 21, "file_name": "empty.png"},
+                      {"id": 22, "file_name": "a.png"}]  # no width/height: read from the image header
+    doc["annotations"] += [{"id": 10 + i, "image_id": i, "category_id": 3, "bbox": [1, 1, 5, 5]} for i in (20, 21, 22)]
+    (coco_root / "train.json").write_text(json.dumps(doc))
+    for check in (True, False):  # the size is needed to clip boxes: skipped even without the image check
+        records, _, bad, *_ = load(format="coco", root=str(coco_root), check_images=check,
+                                   train={"annotations": "train.json", "images": "imgs"})
+        assert [r.image_id for r in records["train"]] == [10, 11, 12, 22]
+        assert sorted(Path(b.path).name for b in bad) == ["empty.png", "text.jpg"]
+        assert all("cannot read image header" in b.reason for b in bad)
+
+
+def test_yolo_images_that_cannot_be_read_are_skipped(yolo_root: Path) -> None:
+    _unreadable_images(yolo_root / "images" / "train")
+    for name in ("text", "empty"):
+        (yolo_root / "labels" / "train" / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    records, _, bad, *_ = load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    assert sorted(Path(r.path).name for r in records["train"]) == ["a.png", "b.png", "c.png"]
+    assert sorted(Path(b.path).name for b in bad) == ["empty.png", "text.jpg"]
+
+
+def test_unreadable_yolo_images_go_to_data_errors(yolo_root: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    _unreadable_images(yolo_root / "images" / "train")
+    for name in ("text", "empty"):
+        (yolo_root / "labels" / "train" / f"{name}.txt").write_text("0 0.5 0.5 0.25 0.5\n")
+    p = tmp_path / "det.yaml"
+    p.write_text(f"task: detection\nname: det\nload: {{format: yolo, root: {yolo_root}, train: {{images: images/train}}}}\n")
+    proc = run_cli("run", str(p), "--run-dir", "r", cwd=tmp_path, timeout=300)  # the load stage alone
+    errors = [json.loads(x) for x in (tmp_path / "r" / "data_errors.jsonl").read_text().splitlines()]
+    assert sorted(Path(e["path"]).name for e in errors) == ["empty.png", "text.jpg"]
+    assert "2 unreadable input(s) skipped" in " ".join((proc.stdout + proc.stderr).split())
+
+
 def test_split_path_escaping_the_root_is_refused(coco_root: Path) -> None:
     with pytest.raises(UnsafePathError, match="load.train.annotations"):
         load(format="coco", root=str(coco_root), train="../outside.json")

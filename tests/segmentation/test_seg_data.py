@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,12 +144,68 @@ def test_out_of_range_labels_and_colour_masks_are_errors(index_data):
     m = read_mask(index_data / "train" / "masks" / "000.png")
     m[0, 0] = 7
     save_mask(index_data / "train" / "masks" / "000.png", m, palette=False)
-    data = _task(index_data, classes=CLASSES).build_data()
+    # the load check decodes every mask, so a wrong label stops the run before training, not at evaluate
+    with pytest.raises(DataError, match=r"000\.png: mask values \[7\]"):
+        _task(index_data, classes=CLASSES).build_data()
+    data = _task(index_data, classes=CLASSES, check_images=False).build_data()
     with pytest.raises(DataError, match=r"000\.png: mask values \[7\]"):
         data.train[0]
-    Image.new("RGB", (32, 24)).save(index_data / "train" / "masks" / "001.png")
+    Image.new("RGB", (32, 24)).save(index_data / "val" / "masks" / "001.png")
     with pytest.raises(DataError, match=r"001\.png: mask has mode RGB"):
-        read_mask(index_data / "train" / "masks" / "001.png")
+        read_mask(index_data / "val" / "masks" / "001.png")
+    m[0, 0] = 0
+    save_mask(index_data / "train" / "masks" / "000.png", m, palette=False)
+    with pytest.raises(DataError, match=r"val/masks/001\.png: mask has mode RGB"):  # an error, not a skip
+        _load(index_data, classes=CLASSES)
+
+
+def _zero_idat(path: Path) -> None:
+    """Overwrite the compressed pixels of a PNG with zeros; the header (and so the size) still reads."""
+    data = bytearray(path.read_bytes())
+    i = data.index(b"IDAT")
+    n = int.from_bytes(data[i - 4:i], "big")
+    data[i + 4:i + 4 + n] = bytes(n)
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_masks_are_skipped_and_reported_at_load(index_data):
+    _zero_idat(index_data / "val" / "masks" / "001.png")
+    (index_data / "train" / "masks" / "004.png").write_bytes(b"")
+    with Image.open(index_data / "val" / "masks" / "001.png") as im:
+        assert im.size == (32, 24)  # the header alone looks fine
+    samples, _, bad, _ = _load(index_data, classes=CLASSES)
+    assert [Path(s.image).name for s in samples["val"]] == ["000.png", "002.png"]
+    assert len(samples["train"]) == 5
+    reasons = {str(Path(b.path).relative_to(index_data)): b.reason for b in bad}
+    assert sorted(reasons) == ["train/masks/004.png", "val/masks/001.png"]
+    assert "cannot read mask" in reasons["val/masks/001.png"] and "val/images/001.png" in reasons["val/masks/001.png"]
+    # classes inferred from the masks: the unreadable ones are passed over there too
+    samples, info, bad, _ = _load(index_data)
+    assert info["class_names"] == ["class_0", "class_1", "class_2"] and len(bad) == 2
+
+
+@pytest.mark.slow
+def test_a_corrupt_mask_is_in_data_errors_and_the_run_completes(tmp_path):
+    from tests.conftest import run_cli
+
+    root = make_mask_folder(tmp_path / "d", n_train=4, n_val=3, size=(32, 32))
+    _zero_idat(root / "val" / "masks" / "002.png")
+    p = tmp_path / "seg.yaml"
+    p.write_text(f"""\
+task: segmentation
+name: seg
+load: {{root: {root}, classes: [background, red, blue]}}
+augment: {{image_size: [32, 32]}}
+model: {{name: lraspp_mobilenet_v3_small}}
+train: {{epochs: 1, batch_size: 2, optimizer: {{name: adamw, lr: 0.001}}, tensorboard: false}}
+evaluate: {{split: val}}
+""")
+    run_cli("run", str(p), "--run-dir", "r", cwd=tmp_path, timeout=300)  # used to fail at evaluate
+    errors = [json.loads(x) for x in (tmp_path / "r" / "data_errors.jsonl").read_text().splitlines()]
+    assert [Path(e["path"]).relative_to(root).as_posix() for e in errors] == ["val/masks/002.png"]
+    assert "cannot read mask" in errors[0]["error"]
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert np.sum(metrics["val/confusion_matrix"]) == 2 * 32 * 32  # evaluate ran on the 2 readable pairs
 
 
 def test_unreadable_images_are_skipped_and_reported(index_data):

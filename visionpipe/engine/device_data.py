@@ -9,12 +9,19 @@ Scope: image-label datasets (torchvision ImageFolder's ``samples`` of (path, cla
 the core ``augment`` block, whose train list may hold only the transforms in :data:`SUPPORTED`.
 Files that are not plain JPEGs (PNG, CMYK, EXIF-rotated) are decoded in the worker exactly as
 the ordinary path does and uploaded as pixels.
+
+A JPEG the device decoder rejects is decoded again on the CPU by :func:`visionpipe.images.read_image`;
+a file that cannot be read at all is reported (log, and ``data_errors.jsonl`` when the transform
+is given that file) and left out of its batch, so one bad file never stops a run.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +34,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from visionpipe.augment import AugmentConfig
-from visionpipe.errors import VisionpipeError
+from visionpipe.errors import ImageReadError, VisionpipeError
 from visionpipe.images import is_image_file, read_image
+from visionpipe.io import append_jsonl
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = ("HorizontalFlip", "VerticalFlip", "RandomResizedCrop")
 """albumentations transforms (in ``augment.train``) that the device path reproduces."""
@@ -56,6 +66,7 @@ class DeviceAugment:
     crop_p: float = 0.0
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    train: bool = False
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig, *, train: bool) -> DeviceAugment:
@@ -76,7 +87,7 @@ class DeviceAugment:
                 raise VisionpipeError(
                     f"{where}: train.decode: device cannot apply '{name}' on the device; it supports "
                     f"{', '.join(SUPPORTED)} (then resize + normalize). Use train.decode: workers for other transforms")
-        return cls(size=tuple(cfg.image_size), mean=tuple(cfg.mean), std=tuple(cfg.std), **kw)
+        return cls(size=tuple(cfg.image_size), mean=tuple(cfg.mean), std=tuple(cfg.std), train=train, **kw)
 
 
 def image_label_source(task: Any, ds: Dataset | None) -> DeviceImages | None:
@@ -111,8 +122,12 @@ def _plain_jpeg(data: bytes) -> bool:
         return False
 
 
+Item = torch.Tensor | str
+"""Encoded JPEG bytes (1-D), decoded HWC pixels (3-D), or why the file could not be read."""
+
+
 class EncodedImages(Dataset):
-    """(encoded JPEG bytes or decoded HWC pixels, augmentation uniforms, label) per sample.
+    """(encoded JPEG bytes, decoded HWC pixels or the read error; augmentation uniforms; label; path) per sample.
 
     Augmentation randomness depends only on (seed, epoch, index), like
     :class:`visionpipe.augment.SeededAugmentation`.
@@ -129,23 +144,33 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Item, torch.Tensor, int, str]:
         path, label = self.samples[i]
-        data = Path(path).read_bytes()
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            data = b""  # read_image says why
+        item: Item
         if _plain_jpeg(data):
             item = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
-            pixels = read_image(path)  # HWC uint8, decoded as the ordinary path does
-            item = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+            try:
+                pixels = read_image(path)  # HWC uint8, decoded as the ordinary path does
+                item = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+            except ImageReadError as e:
+                item = e.reason
         rng = np.random.default_rng(np.random.SeedSequence([self.aug_seed, self.aug_epoch, i]))
-        return item, torch.from_numpy(rng.random(_N_PARAMS)), label
+        return item, torch.from_numpy(rng.random(_N_PARAMS)), label, path
 
 
-def collate_encoded(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor,
-                                                                               torch.Tensor]:
-    """Encoded items stay a list (their lengths differ); uniforms and labels are stacked."""
-    items, params, labels = zip(*batch, strict=True)
-    return list(items), torch.stack(params), torch.tensor(labels, dtype=torch.long)
+Batch = tuple[list[Item], torch.Tensor, torch.Tensor, list[str]]
+"""What :func:`collate_encoded` makes: items, uniforms [B, 7], labels [B], paths."""
+
+
+def collate_encoded(batch: list[tuple[Item, torch.Tensor, int, str]]) -> Batch:
+    """Encoded items and paths stay lists (item lengths differ); uniforms and labels are stacked."""
+    items, params, labels, paths = zip(*batch, strict=True)
+    return list(items), torch.stack(params), torch.tensor(labels, dtype=torch.long), list(paths)
 
 
 def crop_box(height: int, width: int, u: torch.Tensor | list[float], aug: DeviceAugment) -> tuple[int, int, int, int]:
@@ -165,35 +190,91 @@ def crop_box(height: int, width: int, u: torch.Tensor | list[float], aug: Device
 
 
 class DeviceTransform:
-    """Decode a batch from :func:`collate_encoded` on ``device`` and augment it there; returns (images, labels)."""
+    """Decode a batch from :func:`collate_encoded` on ``device`` and augment it there; returns (images, labels).
 
-    def __init__(self, aug: DeviceAugment, device: torch.device, non_blocking: bool = False) -> None:
+    Unreadable files are reported once each: a warning, and a ``{"path", "error"}`` line in
+    ``errors_file`` (the run's ``data_errors.jsonl``) if given. Evaluation leaves them out of the batch;
+    training puts readable images of the same batch in their place (with their labels), so batches
+    keep the size they have on the ordinary path. A batch with no readable file comes out empty.
+    """
+
+    def __init__(self, aug: DeviceAugment, device: torch.device, non_blocking: bool = False,
+                 errors_file: str | os.PathLike | None = None) -> None:
         self.aug, self.device, self.non_blocking = aug, device, non_blocking
+        self.errors_file = errors_file
+        self.reported: set[str] = set()
         self.mean = torch.tensor(aug.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(aug.std, device=device).view(1, 3, 1, 1) * 255.0
 
-    def decode(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
-        """CHW uint8 images on the device: JPEG bytes decoded there (batched), pixels uploaded."""
+    def report(self, path: str, reason: str) -> None:
+        """Log an unreadable file and add it to ``errors_file``, once per file."""
+        if path in self.reported:
+            return
+        self.reported.add(path)
+        log.warning("train.decode: device: skipping unreadable image %s: %s", path, reason)
+        if self.errors_file is not None:
+            with open(self.errors_file, "a", encoding="utf-8") as f:
+                append_jsonl(f, {"path": path, "error": reason})
+
+    def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decode on the device, all at once; when that fails, one at a time (None for each that fails)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29+: "use torchcodec"
+            try:
+                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:
+                pass
+            out: list[torch.Tensor | None] = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def decode(self, items: list[Item], paths: list[str] | None = None) -> list[torch.Tensor | None]:
+        """CHW uint8 images on the device: JPEG bytes decoded there (batched), pixels uploaded.
+
+        A JPEG the device cannot decode is read on the CPU as the ordinary path reads it; None marks a
+        file that cannot be read at all (reported).
+        """
+        paths = paths or [f"batch item {i}" for i in range(len(items))]
         out: list[torch.Tensor | None] = [None] * len(items)
-        jpegs = [i for i, t in enumerate(items) if t.dim() == 1]
+        jpegs = [i for i, t in enumerate(items) if isinstance(t, torch.Tensor) and t.dim() == 1]
         if jpegs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29+: "use torchcodec"
-                decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
-            for i, img in zip(jpegs, decoded, strict=True):
+            for i, img in zip(jpegs, self._decode_jpegs([items[i] for i in jpegs]), strict=True):
+                if img is None:  # e.g. corrupt data, or a JPEG nvJPEG does not support
+                    try:
+                        items[i] = torch.from_numpy(read_image(paths[i]).copy())
+                        log.info("decoded %s on the CPU: the %s JPEG decoder rejected it", paths[i],
+                                 self.device.type)
+                    except ImageReadError as e:
+                        items[i] = e.reason
                 out[i] = img
         for i, t in enumerate(items):
-            if t.dim() == 3:
+            if isinstance(t, str):
+                self.report(paths[i], t)
+            elif t.dim() == 3:
                 t = t if t.shape[-1] == 3 else t[..., None].expand(*t.shape, 3)
                 out[i] = t.permute(2, 0, 1).to(self.device, non_blocking=self.non_blocking)
-        return out  # type: ignore[return-value]
+        return out
 
-    def __call__(self, batch: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        items, params, labels = batch
+    def __call__(self, batch: Batch | tuple[list[Item], torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+        items, params, labels = batch[:3]
+        paths = batch[3] if len(batch) > 3 else None
         aug, (h, w) = self.aug, self.aug.size
-        images = self.decode(items)
+        decoded = self.decode(list(items), paths)
+        keep = [i for i, img in enumerate(decoded) if img is not None]
+        if keep and len(keep) < len(decoded) and aug.train:  # readable images, in turn, fill the gaps
+            stand_in = itertools.cycle(keep)
+            keep = [i if img is not None else next(stand_in) for i, img in enumerate(decoded)]
+            labels = labels[keep]  # each place keeps its own augmentation uniforms
+        elif len(keep) < len(decoded):
+            params, labels = params[keep], labels[keep]
+        images = [decoded[i] for i in keep]
         x = torch.empty(len(images), 3, h, w, device=self.device, dtype=torch.float32)
         for i, img in enumerate(images):
             top, left, ch, cw = crop_box(img.shape[1], img.shape[2], params[i], aug)
@@ -222,5 +303,17 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decoded batches; a batch of only unreadable files is skipped (evaluation) or repeats the last one.
+
+        In training the repeat keeps the step count, which distributed ranks must agree on.
+        """
+        last = None
         for batch in self.loader:
-            yield self.transform(batch)
+            x, y = self.transform(batch)
+            if len(y):
+                last = batch
+            elif self.transform.aug.train and last is not None:
+                x, y = self.transform(last)
+            else:
+                continue
+            yield x, y
