@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from visionpipe.config import TrainConfig
 from visionpipe.engine import distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def pin_memory(cfg: TrainConfig, device: torch.device) -> bool:
@@ -32,11 +35,13 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """Yields (epoch, index): the order depends only on (seed, epoch), sharded over ranks under DDP.
 
     The epoch travels with each index, so persistent DataLoader workers pick up each epoch's
-    augmentation stream (``set_epoch``) without being restarted.
+    augmentation stream (``set_epoch``) without being restarted. With ``batch_size``, an epoch
+    whose last batch would hold a single sample leaves that sample out: BatchNorm cannot train
+    on a batch of one (the sample left out changes from epoch to epoch).
     """
 
-    def __init__(self, ds: Dataset, seed: int) -> None:
-        self.ds, self.seed, self.epoch = ds, seed, 0
+    def __init__(self, ds: Dataset, seed: int, batch_size: int | None = None) -> None:
+        self.ds, self.seed, self.epoch, self.batch_size = ds, seed, 0, batch_size
         self.rank, self.world = dist.rank(), dist.world_size()
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,8 +50,16 @@ class EpochSampler(Sampler[tuple[int, int]]):
         if hasattr(self.ds, "set_epoch"):
             self.ds.set_epoch(epoch, self.seed)  # may change len(ds) (e.g. text chunk boundaries)
 
-    def __len__(self) -> int:
+    def _per_rank(self) -> int:
         return math.ceil(len(self.ds) / self.world)  # type: ignore[arg-type]
+
+    def drops_one(self) -> bool:
+        """True when this epoch's last batch would hold one sample, which is then left out."""
+        n = self._per_rank()
+        return bool(self.batch_size) and self.batch_size > 1 and n > 1 and n % self.batch_size == 1
+
+    def __len__(self) -> int:
+        return self._per_rank() - self.drops_one()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         n = len(self.ds)  # type: ignore[arg-type]
@@ -60,6 +73,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         else:
             g.manual_seed(self.seed * 1000003 + self.epoch)
             order = torch.randperm(n, generator=g).tolist()
+        if self.drops_one():
+            order = order[:-1]
         for i in order:
             yield self.epoch, i
 
@@ -89,8 +104,11 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, epoch: 
     """
     sampler: Any
     if train:
-        sampler = EpochSampler(ds, seed)
+        sampler = EpochSampler(ds, seed, batch_size)
         sampler.set_epoch(epoch)
+        if sampler.drops_one():
+            log.info("training leaves out 1 of %d images per epoch (a different one each epoch): "
+                     "a last batch of one cannot train BatchNorm", len(sampler) + 1)
         ds = _EpochIndexed(ds, seed)
     else:
         sampler = SequentialSampler(ds)
