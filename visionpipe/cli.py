@@ -202,32 +202,48 @@ def predict(
     num: Annotated[int | None, typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generative tasks: random seed.")] = 0,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Text generation: the prompt.")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Task option key=value (repeatable).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Task option key=value (repeatable); "
+                                                    "a name the model's task does not take is an error.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict every input again: first delete the "
+                                            "predictions, errors, summary and fingerprint (of this shard) in --out. "
+                                            "Needed when --out holds predictions of another model or other options.")] = False,
 ) -> None:
     """Run a model over files in streaming batches; writes predictions.jsonl, errors.jsonl and summary.json.
 
-    Re-running with the same --out resumes (inputs already written are skipped). For many
-    processes or machines give each --shard I/N (or launch with torchrun), then `visionpipe merge`.
+    Re-running with the same --out resumes (inputs already written are skipped) when the model and
+    the options that change the records are the same; otherwise it refuses (use another --out, or
+    --overwrite). For many processes or machines give each --shard I/N (or launch with torchrun),
+    then `visionpipe merge`.
     """
     import yaml
 
     from visionpipe.infer.backends import open_backend
+    from visionpipe.infer.runner import run_predict
     from visionpipe.manager import get_manager
 
     if device not in ("cpu", "cuda", "auto"):
         raise VisionpipeError(f"--device {device}: use cpu, cuda or auto")
+    given = {}
+    for item in option or []:
+        if "=" not in item:
+            raise ConfigError(f"expects key=value (got '{item}')", file="--option")
+        k, v = item.split("=", 1)
+        try:
+            given[k] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            given[k] = v
     backend, metadata = open_backend(str(model), device=device, backend=backend_name, threads=threads,
                                      streams=streams,
                                      graph_optimization=graph_opt, spinning=spinning, amp=amp)
     task_cls = get_manager().task(metadata.get("task", "?"))
+    try:  # before any input is read
+        given = task_cls.check_predict_options(given)
+    except ConfigError as e:
+        raise ConfigError(e.message, file="--option", field=e.field) from None
     opts = {"batch_size": batch_size, "top_k": top_k, "save_images": save_images, "shard": shard,
-            "workers": workers, "decode": decode, "num": num, "seed": seed, "prompt": prompt, "pin": pin}
-    for item in option or []:
-        if "=" not in item:
-            raise VisionpipeError(f"--option expects key=value (got '{item}')")
-        k, v = item.split("=", 1)
-        opts[k] = yaml.safe_load(v)
-    summary = task_cls.predict(backend, metadata, source, out_dir, opts)
+            "workers": workers, "decode": decode, "num": num, "seed": seed, "prompt": prompt, "pin": pin, **given}
+    summary = run_predict(task_cls, backend, metadata, source, out_dir, opts,
+                          on_change="overwrite" if overwrite else "refuse")
     out.print_json(json.dumps(summary, default=str))
 
 

@@ -142,7 +142,16 @@ class PredictConfig(Block):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="task-specific predict options, as `visionpipe predict -o key=value` takes them "
-                    "(e.g. detection score_threshold, dcgan num/seed, charrnn prompt/length/temperature)")
+                    "(e.g. detection score_threshold, dcgan num/seed, charrnn prompt/length/temperature); "
+                    "the predict stage refuses a name its task does not declare")
+
+    @model_validator(mode="after")
+    def _options_are_not_block_keys(self) -> PredictConfig:
+        for name in self.options:
+            if name in type(self).model_fields:  # it would be overridden by the block's own value
+                raise ValueError(f"options.{name}: {name} is a key of the predict block itself; "
+                                 f"set predict.{name} instead of predict.options.{name}")
+        return self
 
 
 class EvaluateConfig(Block):
@@ -495,6 +504,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg = model_cls.model_validate(body)
     except ValidationError as e:
         raise validation_to_config_error(e, source, model_cls) from None
+    if cfg.predict is not None and hasattr(task_cls, "check_predict_options"):
+        try:
+            task_cls.check_predict_options(cfg.predict.options)
+        except ConfigError as e:
+            raise source.error(e.message, ("predict", "options", e.field)) from None
     if cfg.name is None:
         cfg.name = Path(path).stem if path else task_name
     return LoadedConfig(cfg, data, source, extra)

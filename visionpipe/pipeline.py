@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ from pydantic import BaseModel
 from visionpipe import __version__
 from visionpipe.config import LoadedConfig, PipelineConfig, dump_yaml, load_config
 from visionpipe.engine import distributed as dist
-from visionpipe.engine.checkpoint import load_checkpoint, seed_everything
-from visionpipe.errors import VisionpipeError
+from visionpipe.engine.checkpoint import load_checkpoint, seed_everything, state_mismatch
+from visionpipe.errors import ConfigError, VisionpipeError
 from visionpipe.io import append_jsonl, clean_stale_tmp, sha256_file, write_json, write_text
 from visionpipe.manager import PluginManager, get_manager
 from visionpipe.paths import resolve_under
@@ -52,6 +51,8 @@ class RunContext:
     run_dir: Path
     device: torch.device
     resume_state: dict[str, Any] | None = None
+    resume_pending: bool = False
+    """A resume whose checkpoint is not yet known to fit the config: nothing in the run folder is rewritten."""
     data: DataBundle | None = None
     model: torch.nn.Module | None = None
     trainer: Any = None
@@ -200,10 +201,56 @@ def stage_augment(ctx: RunContext) -> dict[str, Any]:
 def stage_model(ctx: RunContext) -> dict[str, Any]:
     """Build the model (and load local weights if the model block names them)."""
     ctx.model = ctx.task.build_model(ctx.info).to(ctx.device)
+    if ctx.resume_state is not None:
+        _check_resumable_model(ctx)
     n = sum(p.numel() for p in ctx.model.parameters())
     trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     log.info("model: %s parameters (%s trainable)", f"{n:,}", f"{trainable:,}")
     return {"parameters": n, "trainable": trainable}
+
+
+def _changes(old: Any, new: Any, prefix: str) -> list[str]:
+    """``key: old -> new`` for every value that differs between two config blocks (plain data)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in dict.fromkeys([*old, *new]) for c in _changes(old.get(k), new.get(k), f"{prefix}.{k}")]
+    return [] if old == new else [f"{prefix}: {old} -> {new}"]
+
+
+def _last_checkpoint(ctx: RunContext) -> Path:
+    return ctx.run_dir / "checkpoints" / "last.pt"
+
+
+def _check_resumable_model(ctx: RunContext) -> None:
+    """Refuse to resume when the checkpoint's weights do not fit the model the config builds now."""
+    problem = state_mismatch(ctx.model.state_dict(), ctx.resume_state.get("model") or {})
+    if problem is None:
+        return
+    changed = _changes(ctx.resume_state.get("config", {}).get("model"), ctx.resolved.get("model"), "model")
+    why = "; ".join(changed[:3]) if changed else f"{problem}; did the data change?"
+    raise ConfigError(f"does not match the model in the config ({why}): --set on resume cannot change the model",
+                      file=str(_last_checkpoint(ctx)))
+
+
+def _confirm_resume(ctx: RunContext) -> None:
+    """The checkpoint fits the config: from now on the resume may rewrite config.yaml and the manifest."""
+    if not ctx.resume_pending:
+        return
+    ctx.resume_pending = False
+    if dist.is_main():
+        write_text(ctx.run_dir / "config.yaml", dump_yaml(ctx.resolved))
+        _write_manifest(ctx, "running")
+
+
+def _warn_ignored_train_settings(ctx: RunContext) -> None:
+    """Say when --set changed optimizer or scheduler settings that the restored state overrides."""
+    before = ctx.resume_state.get("config", {}).get("train", {})
+    now = ctx.resolved.get("train", {})
+    changed = [c for k in ("optimizer", "scheduler") for c in _changes(before.get(k), now.get(k), f"train.{k}")
+               if not c.startswith("train.scheduler.t_max:")]
+    if changed:
+        log.warning("%s: changed on resume, but the optimizer and its schedule continue from the state in %s "
+                    "(only the cosine schedule's length follows train.epochs); this may not take effect",
+                    "; ".join(changed[:3]), _last_checkpoint(ctx))
 
 
 def stage_train(ctx: RunContext) -> dict[str, Any]:
@@ -216,7 +263,19 @@ def stage_train(ctx: RunContext) -> dict[str, Any]:
     trainer = Trainer(ctx.task, ctx.model, ctx, cfg)
     ctx.trainer = trainer
     if ctx.resume_state is not None:
-        trainer.load_state_dict(ctx.resume_state)
+        try:
+            trainer.load_state_dict(ctx.resume_state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            before = ctx.resume_state.get("config", {})
+            changed = [c for k in ("model", "train") for c in _changes(before.get(k), ctx.resolved.get(k), k)
+                       if not c.startswith("train.epochs:")]
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            why = "; ".join([*changed[:3], f"{type(e).__name__}: {first}"])
+            raise ConfigError(f"cannot restore its training state ({why}): --set on resume "
+                              "cannot change the model, the optimizers or which parameters train",
+                              file=str(_last_checkpoint(ctx))) from None
+        _confirm_resume(ctx)
+        _warn_ignored_train_settings(ctx)
         log.info("resumed at epoch %d/%d", trainer.epoch, cfg.epochs)
         if dist.is_main():  # the checkpoint's history is authoritative: no gaps or repeats after a kill
             write_text(ctx.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in trainer.history))
@@ -289,25 +348,28 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
 
 def stage_predict(ctx: RunContext) -> dict[str, Any]:
     """Predict over the predict block's source with the exported model (or the PyTorch model)."""
+    from visionpipe.errors import ConfigError
     from visionpipe.infer.backends import open_backend
+    from visionpipe.infer.runner import run_predict
 
     if not dist.is_main():
         return {}
     cfg = ctx.block("predict")
+    try:  # before any work: a misspelt task option is a config error
+        options = type(ctx.task).check_predict_options(cfg.options)
+    except ConfigError as e:
+        raise ctx.loaded.source.error(e.message, ("predict", "options", e.field)) from None
+    out_dir = resolve_under(ctx.run_dir, cfg.out, what="predict.out")
+    if out_dir == ctx.run_dir.resolve():  # the stage may delete its folder (below)
+        raise ctx.loaded.source.error("must be a folder inside the run folder, not the run folder itself",
+                                      ("predict", "out"))
     model_path = ctx.outputs.get("onnx") or (ctx.run_dir / "checkpoints" / "best.pt")
     backend, metadata = open_backend(str(model_path), device=cfg.device, streams=cfg.streams)  # None: sized for predict
-    out_dir = resolve_under(ctx.run_dir, cfg.out, what="predict.out")
-    # predict resumes by skipping inputs already written; that is only right for the same model
-    fingerprint, marker = sha256_file(Path(model_path)), out_dir / "model.sha256"
-    if out_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
-        log.info("%s holds predictions of an earlier model; predicting again", out_dir)
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(marker, fingerprint + "\n")
-    opts = {**cfg.options, "batch_size": cfg.batch_size, "top_k": cfg.top_k, "save_images": cfg.save_images,
+    opts = {**options, "batch_size": cfg.batch_size, "top_k": cfg.top_k, "save_images": cfg.save_images,
             "workers": cfg.workers, "decode": cfg.decode}
     task_cls = ctx.manager.task(metadata["task"])
-    summary = task_cls.predict(backend, metadata, cfg.source, out_dir, opts)
+    # the stage owns its folder: predictions of another model or with other options are started over
+    summary = run_predict(task_cls, backend, metadata, cfg.source, out_dir, opts, on_change="restart")
     ctx.outputs["predictions"] = str(out_dir)
     return summary
 
@@ -340,31 +402,95 @@ def _write_manifest(ctx: RunContext, status: str) -> None:
     write_json(ctx.run_dir / "manifest.json", m)
 
 
+def _read_manifest(run_path: Path) -> dict[str, Any]:
+    p = run_path / "manifest.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VisionpipeError(f"{p}: cannot read the run's manifest ({e})") from None
+
+
+def _check_resume_pipeline(path: Path, given: str, run_path: Path, prev: dict[str, Any],
+                           manager: PluginManager) -> None:
+    """Accept a PIPELINE given with --resume only when it is the pipeline the run was started from."""
+    if not path.is_file():
+        raise ConfigError("file not found", file=given)
+    if sha256_file(path) in (prev.get("inputs") or {}).values():
+        return
+    mine = load_config(str(path), manager=manager).resolved_dict()
+    if mine == load_config(str(run_path / "config.yaml"), manager=manager).resolved_dict():
+        return
+    raise ConfigError(f"is not the pipeline the run {run_path} was started from, and differs from its config.yaml; "
+                      "--resume continues with the run's own config.yaml: leave PIPELINE out (change values with "
+                      "--set), or start a new run without --resume", file=given)
+
+
 def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_dir: str | None = None,
                  resume: str | None = None, manager: PluginManager | None = None) -> RunContext:
-    """Run a pipeline file (or resume a run folder); return the finished run context."""
+    """Run a pipeline file (or resume a run folder); return the finished run context.
+
+    A resume runs in the folder the run was started in (recorded in its manifest), so that the
+    relative paths of its config mean what they meant then; the current folder is restored after.
+    """
     manager = manager or get_manager()
+    if not resume:
+        return _run(path, overrides, manager, run_dir=run_dir)
+    if run_dir:
+        raise VisionpipeError(f"--run-dir {run_dir} with --resume {resume}: a resumed run stays in its own folder; "
+                              "give only one of them")
+    run_path = Path(resume).resolve()
+    if not (run_path / "config.yaml").is_file():
+        raise VisionpipeError(f"{resume}: not a run folder (no config.yaml)")
+    prev = _read_manifest(run_path)
+    here = os.getcwd()
+    started_in = prev.get("cwd")
+    if started_in and not Path(started_in).is_dir():
+        raise VisionpipeError(
+            f"{resume}: the run was started in {started_in}, which no longer exists, and the relative paths in its "
+            f"config.yaml (e.g. load.root) resolve there: recreate that folder, or make them absolute in "
+            f"{run_path / 'config.yaml'}")
+    if not started_in:
+        log.warning("%s: no working directory recorded; relative paths in its config resolve against %s",
+                    resume, here)
+    pipeline = Path(path).resolve() if path else None
+    work = Path(started_in or here)
+    if work.resolve() != Path(here).resolve():
+        log.info("resuming in %s, the folder the run was started in (relative paths in its config resolve there)",
+                 work)
+    os.chdir(work)
+    try:
+        if pipeline is not None:
+            _check_resume_pipeline(pipeline, str(path), run_path, prev, manager)
+        return _run(str(pipeline) if pipeline else None, overrides, manager, resume=run_path, prev=prev,
+                    invoked_in=here)
+    finally:
+        os.chdir(here)
+
+
+def _run(path: str | None, overrides: list[str] | None, manager: PluginManager, *, run_dir: str | None = None,
+         resume: Path | None = None, prev: dict[str, Any] | None = None, invoked_in: str | None = None) -> RunContext:
+    """Run a pipeline file, or continue the run folder ``resume`` (an absolute path, in its working directory)."""
     resume_state = None
+    prev = prev or {}
     if resume:
-        rd = Path(resume)
-        cfg_file = rd / "config.yaml"
-        if not cfg_file.is_file():
-            raise VisionpipeError(f"{rd}: not a run folder (no config.yaml)")
-        loaded = load_config(str(cfg_file), overrides, manager=manager)
-        run_path = rd.resolve()
-        manifest_file = run_path / "manifest.json"
-        if manifest_file.is_file():
-            prev = json.loads(manifest_file.read_text())
-            if prev.get("status") == "finished" and not overrides:
-                log.info("run %s already finished (stages: %s); nothing to do", run_path,
-                         ", ".join(prev.get("stages_done", [])))
-                raise RunAlreadyFinished(str(run_path))
+        run_path = resume
+        loaded = load_config(str(run_path / "config.yaml"), overrides, manager=manager)
+        if prev.get("status") == "finished" and not overrides:
+            log.info("run %s already finished (stages: %s); nothing to do", run_path,
+                     ", ".join(prev.get("stages_done", [])))
+            raise RunAlreadyFinished(str(run_path))
         last = run_path / "checkpoints" / "last.pt"
         if last.is_file():
             resume_state = load_checkpoint(last)
     else:
         loaded = load_config(path, overrides, manager=manager)
         run_path = Path(run_dir).resolve() if run_dir else new_run_dir(loaded.config)
+        if (run_path / "manifest.json").is_file():
+            raise VisionpipeError(
+                f"--run-dir {run_dir}: already holds a run (manifest.json); continue it with "
+                f"`visionpipe run --resume {run_dir}`, or choose another --run-dir")
     cfg = loaded.config
     device = pick_device(cfg.device)
     distributed = dist.init_distributed(device)
@@ -378,8 +504,12 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     task = manager.task(cfg.task)(cfg, None)
-    ctx = RunContext(loaded, task, manager, run_path, device, resume_state=resume_state)
+    stages = cfg.stage_list(loaded.extra_stages)
+    # until the checkpoint is known to fit the (overridden) config, a resume rewrites nothing in the run folder
+    pending = resume_state is not None and ("train" in stages or "model" in stages)
+    ctx = RunContext(loaded, task, manager, run_path, device, resume_state=resume_state, resume_pending=pending)
     task.ctx = ctx
+    ctx.manifest.update(_manifest(ctx, path, overrides, prev, invoked_in))
     handler = None
     if dist.is_main():
         run_path.mkdir(parents=True, exist_ok=True)
@@ -387,23 +517,14 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
         if stale:
             log.info("removed %d stale temporary file(s) from a killed run", len(stale))
         handler = _setup_file_log(run_path)
-        write_text(run_path / "config.yaml", dump_yaml(loaded.resolved_dict()))
-    inputs = {}
-    if path and Path(path).is_file():
-        inputs[str(path)] = sha256_file(path)
-    ctx.manifest.update({
-        "visionpipe_manifest": 1, "task": cfg.task, "name": cfg.name, "seed": cfg.seed,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "world_size": dist.world_size(), "command": sys.argv, "cwd": os.getcwd(), "git_commit": git_commit(),
-        "versions": versions(manager), "inputs": inputs, "stages": {}, "stages_done": [],
-        "resumed_from_epoch": resume_state.get("epoch") if resume_state else None,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+        if not pending:
+            write_text(run_path / "config.yaml", dump_yaml(loaded.resolved_dict()))
+            _write_manifest(ctx, "running")
     log.info("run folder: %s (device %s)", run_path, device)
     ctx.hook.visionpipe_before_run(ctx=ctx)
     finished = False  # every rank got through every stage: they can meet before the process group goes
     try:
-        for stage in cfg.stage_list(loaded.extra_stages):
+        for stage in stages:
             ctx.hook.visionpipe_before_stage(stage=stage, ctx=ctx)
             t0 = time.perf_counter()
             try:
@@ -417,6 +538,8 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
             except BaseException as e:
                 ctx.hook.visionpipe_on_stage_error(stage=stage, ctx=ctx, error=e)
                 raise
+            if stage == "model" and "train" not in stages:
+                _confirm_resume(ctx)  # the model stage checked the weights; nothing else restores state
             ctx.manifest["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 3)}
             ctx.manifest["stages_done"].append(stage)
             ctx.hook.visionpipe_after_stage(stage=stage, ctx=ctx, result=result)
@@ -425,7 +548,9 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
                     for p in ctx.data.inputs:
                         if Path(p).is_file() and str(p) not in ctx.manifest["inputs"]:
                             ctx.manifest["inputs"][str(p)] = sha256_file(p)
-                _write_manifest(ctx, "running")
+                if not ctx.resume_pending:
+                    _write_manifest(ctx, "running")
+        _confirm_resume(ctx)
         if dist.is_main():
             final = {k: v for k, v in ctx.metrics.items()}
             write_json(run_path / "metrics.json", final)
@@ -434,7 +559,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
         ctx.hook.visionpipe_after_run(ctx=ctx, metrics=ctx.metrics)
         finished = True
     except BaseException:
-        if dist.is_main() and run_path.is_dir():
+        if dist.is_main() and run_path.is_dir() and not ctx.resume_pending:  # a refused resume leaves it as it was
             try:
                 _write_manifest(ctx, "failed")
             except Exception:  # never mask the real error
@@ -446,6 +571,33 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
             handler.close()
         dist.cleanup(finished)
     return ctx
+
+
+def _manifest(ctx: RunContext, path: str | None, overrides: list[str] | None, prev: dict[str, Any],
+              invoked_in: str | None) -> dict[str, Any]:
+    """The manifest at the start of a run; a resume keeps the run's origin and appends itself to ``resumes``."""
+    cfg, device, now = ctx.cfg, ctx.device, time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    epoch = ctx.resume_state.get("epoch") if ctx.resume_state else None
+    current = {
+        "visionpipe_manifest": 1, "task": cfg.task, "name": cfg.name, "seed": cfg.seed,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "world_size": dist.world_size(), "git_commit": git_commit(), "versions": versions(ctx.manager),
+    }
+    if invoked_in is None:  # a new run
+        inputs = {str(path): sha256_file(path)} if path and Path(path).is_file() else {}
+        return {**current, "command": sys.argv, "cwd": os.getcwd(), "inputs": inputs, "stages": {},
+                "stages_done": [], "resumed_from_epoch": None, "started": now}
+    m = {k: v for k, v in prev.items() if k not in ("finished", "export", "outputs", "status")}
+    m.update(current)
+    m.setdefault("command", None)
+    m.setdefault("cwd", os.getcwd())
+    m.setdefault("inputs", {})
+    m.setdefault("started", None)
+    m.update({"stages": {}, "stages_done": [], "resumed_from_epoch": epoch})
+    m["resumes"] = [*prev.get("resumes", []), {
+        "command": sys.argv, "cwd": invoked_in, "time": now, "overrides": list(overrides or []),
+        "from_epoch": epoch, "git_commit": current["git_commit"]}]
+    return m
 
 
 class RunAlreadyFinished(VisionpipeError):

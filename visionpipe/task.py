@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +118,43 @@ class Predictor:
         return []
 
 
+@dataclass(frozen=True)
+class PredictOption:
+    """One option of a task's predict: ``visionpipe predict -o name=value`` and the predict block's ``options``."""
+
+    default: Any = None
+    """The value when the option is not given (None: the task decides, e.g. from the model's metadata)."""
+    help: str = ""
+    value_type: type | None = None
+    """``float``, ``int``, ``str`` or ``bool``; None accepts any value. None is always accepted (the default)."""
+    records: bool = True
+    """Whether the value changes the records predict writes; such options are part of the fingerprint that
+    lets a re-run resume only the predictions of the same model and options."""
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` as this option's type; a ValueError saying what was expected when it is not one."""
+        t = self.value_type
+        if value is None or t is None:
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+        kind = {float: "a number", int: "an integer", str: "text", bool: "true or false"}.get(t, t.__name__)
+        raise ValueError(f"must be {kind} (got {value!r})")
+
+
+ENGINE_PREDICT_OPTIONS: dict[str, PredictOption] = {
+    "prefetch": PredictOption(None, "images decoded ahead of the model (default max(2 x batch, 4 x workers))", int,
+                              records=False),
+    "count_total": PredictOption(True, "count the inputs in the background for the progress bar's ETA", bool,
+                                 records=False),
+    "pin": PredictOption(None, "pin each model runner to its own core (default: decided from the engine)", bool,
+                         records=False),
+}
+"""Options of the image-streaming engine, accepted by every task with ``image_predict``; they change no record."""
+
+
 class Task:
     """Base class of every task. Subclasses set ``name`` and ``Config`` and fill in the hooks."""
 
@@ -133,6 +170,11 @@ class Task:
     """Model registry (name → builder) shown by `visionpipe plugins`."""
     image_predict: ClassVar[bool] = True
     """True when `visionpipe predict` feeds image files through :meth:`predictor`."""
+    predict_options: ClassVar[dict[str, PredictOption]] = {}
+    """The task options predict accepts (``-o name=value``, the predict block's ``options``); others are errors."""
+    predict_resumes: ClassVar[bool] = True
+    """True when predict appends to the outputs already in its folder and skips the inputs found there (the
+    default image streaming does); the folder then holds the predictions of one model and one set of options."""
 
     def __init__(self, cfg: PipelineConfig, ctx: RunContext | None = None) -> None:
         self.cfg = cfg
@@ -199,6 +241,52 @@ class Task:
         raise NotImplementedError(f"task {cls.name} does not support predict")
 
     @classmethod
+    def build_predictor(cls, metadata: dict[str, Any], options: dict[str, Any]) -> Predictor:
+        """:meth:`predictor`, with metadata that lacks what it needs reported as one line (not a KeyError)."""
+        from visionpipe.errors import VisionpipeError
+
+        try:
+            return cls.predictor(metadata, options)
+        except (KeyError, TypeError, ValueError) as e:
+            detail = f"no '{e.args[0]}'" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+            raise VisionpipeError(f"the model's visionpipe metadata does not fit task {cls.name} ({detail}); "
+                                  "export the model again with `visionpipe export`") from None
+
+    @classmethod
+    def accepted_predict_options(cls) -> dict[str, PredictOption]:
+        """Every option this task's predict accepts: its own and, for image tasks, the engine's."""
+        return {**(ENGINE_PREDICT_OPTIONS if cls.image_predict else {}), **cls.predict_options}
+
+    @classmethod
+    def check_predict_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` with values of the declared types; a ConfigError (``field``: the option) otherwise.
+
+        The message for an unknown name suggests the closest accepted one and lists them all."""
+        from visionpipe.errors import ConfigError, unknown_name
+
+        accepted = cls.accepted_predict_options()
+        checked = {}
+        for name, value in options.items():
+            if name not in accepted:
+                raise ConfigError(unknown_name("predict option", str(name), accepted, context=f"task {cls.name}"),
+                                  field=str(name))
+            try:
+                checked[name] = accepted[name].coerce(value)
+            except ValueError as e:
+                raise ConfigError(str(e), field=str(name)) from None
+        return checked
+
+    @classmethod
+    def record_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The values (given or default) of the options that change the records: part of the output fingerprint."""
+        out = {}
+        for name, opt in sorted(cls.accepted_predict_options().items()):
+            if opt.records:
+                value = options.get(name)
+                out[name] = opt.coerce(opt.default if value is None else value)
+        return out
+
+    @classmethod
     def predict(cls, backend: Backend, metadata: dict[str, Any], source: str | None, out_dir: Path,
                 options: dict[str, Any]) -> dict[str, Any]:
         """Run prediction; the default streams image files through :meth:`predictor`."""
@@ -207,4 +295,4 @@ class Task:
         if source is None:
             from visionpipe.errors import VisionpipeError
             raise VisionpipeError(f"task {cls.name}: predict needs a SOURCE (file, folder or glob)")
-        return predict_images(backend, cls.predictor(metadata, options), source, out_dir, options)
+        return predict_images(backend, cls.build_predictor(metadata, options), source, out_dir, options)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from visionpipe.errors import VisionpipeError
 from visionpipe.infer.backends import Backend
 from visionpipe.plots import plot_confusion
-from visionpipe.task import DataBundle, ExportSpec
+from visionpipe.task import DataBundle, ExportSpec, PredictOption
 from visionpipe_plugins.charrnn.config import CharRnnClassifyConfig
 from visionpipe_plugins.charrnn.data import collate, load_classify
 from visionpipe_plugins.charrnn.metrics import classification_metrics
@@ -30,6 +30,8 @@ class CharRnnClassifyTask(CharRnnTask):
     description = "char-RNN classification of short strings (one <label>.txt per class)"
     monitor = "val/acc"
     monitor_mode = "max"
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "top_k": PredictOption(5, "classes per record, likeliest first", int)}
 
     cfg: CharRnnClassifyConfig
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from visionpipe.errors import VisionpipeError
 from visionpipe.infer.backends import Backend
 from visionpipe.io import write_text
-from visionpipe.task import DataBundle, ExportSpec
+from visionpipe.task import DataBundle, ExportSpec, PredictOption
 from visionpipe_plugins.charrnn.config import CharRnnGenerateConfig
 from visionpipe_plugins.charrnn.data import collate, load_generate
 from visionpipe_plugins.charrnn.metrics import LanguageModelMeter
@@ -47,6 +47,17 @@ class CharRnnGenerateTask(CharRnnTask):
     description = "char-RNN language model: bits per character, text generation with temperature and top-k"
     monitor = "val/bpc"
     monitor_mode = "min"
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "prompt": PredictOption(None, "the text to continue (default: each line of SOURCE, else the model's "
+                                        "sampling.prompt)", str),
+        "length": PredictOption(None, "characters to generate (default: the model's sampling.length)", int),
+        "temperature": PredictOption(None, "sampling temperature, 0 = greedy (default: the model's "
+                                             "sampling.temperature)", float),
+        "top_k": PredictOption(None, "sample among the k likeliest characters, 0 = all (default: the model's "
+                                       "sampling.top_k)", int),
+        "num": PredictOption(1, "samples per prompt", int),
+        "seed": PredictOption(0, "random seed", int),
+    }
 
     cfg: CharRnnGenerateConfig
 

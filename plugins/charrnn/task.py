@@ -24,6 +24,7 @@ class CharRnnTask(Task):
 
     kind: ClassVar[str] = ""
     image_predict = False
+    predict_resumes = False  # every run writes all its records again
     models: ClassVar[dict] = dict(CELLS)
 
     def model_cfg(self) -> RnnModelConfig:

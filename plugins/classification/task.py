@@ -22,7 +22,7 @@ from visionpipe.augment import (
 )
 from visionpipe.errors import VisionpipeError
 from visionpipe.plots import plot_confusion
-from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
+from visionpipe.task import DataBundle, ExportSpec, PredictOption, Predictor, Task
 from visionpipe_plugins.classification.config import ClassificationConfig, ModelConfig
 from visionpipe_plugins.classification.data import ClassificationDataset, load_splits
 from visionpipe_plugins.classification.models import build_classifier, model_names, split_head_backbone
@@ -46,6 +46,8 @@ class ClassificationTask(Task):
     monitor = "val/top1"
     monitor_mode = "max"
     models: ClassVar[dict] = _Registry()
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "top_k": PredictOption(5, "classes per record, likeliest first", int)}
 
     cfg: ClassificationConfig
 

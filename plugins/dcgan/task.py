@@ -16,7 +16,7 @@ from visionpipe.engine.checkpoint import load_weights_file
 from visionpipe.engine.optim import build_optimizer
 from visionpipe.errors import ConfigError, VisionpipeError
 from visionpipe.io import write_json
-from visionpipe.task import DataBundle, ExportSpec, OptimizationContext, Task
+from visionpipe.task import DataBundle, ExportSpec, OptimizationContext, PredictOption, Task
 from visionpipe_plugins.dcgan.config import (
     DcganAugmentConfig,
     DcganConfig,
@@ -56,6 +56,10 @@ class DcganTask(Task):
     manual_optimization = True
     models: ClassVar[dict] = {"dcgan": DCGAN}
     image_predict = False
+    predict_resumes = False  # every run writes all its samples again
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "num": PredictOption(16, "how many images to generate", int),
+        "seed": PredictOption(0, "seed of the noise the images are generated from", int)}
 
     cfg: DcganConfig
 

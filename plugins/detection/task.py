@@ -12,7 +12,7 @@ from torch import nn
 from visionpipe.errors import VisionpipeError
 from visionpipe.io import write_json
 from visionpipe.plots import plot_curves
-from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
+from visionpipe.task import DataBundle, ExportSpec, PredictOption, Predictor, Task
 from visionpipe_plugins.detection.config import (
     DETECTION_MODELS,
     DetectionAugmentConfig,
@@ -43,6 +43,14 @@ class DetectionTask(Task):
     monitor = "val/AP50"
     monitor_mode = "max"
     models: ClassVar[dict] = dict.fromkeys(DETECTION_MODELS)
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "score_threshold": PredictOption(None, "records keep detections scoring at least this (default: the model's "
+                                                "box_score_thresh)", float),
+        "draw_threshold": PredictOption(None, "--save-images draws boxes scoring at least this (default 0.5)", float,
+                                        records=False),
+        "gt": PredictOption(None, "COCO annotation file whose image ids coco_results.json uses (and scores against)",
+                            str, records=False),
+    }
 
     cfg: DetectionConfig
 

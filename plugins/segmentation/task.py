@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from visionpipe.augment import AugmentConfig, apply_transforms, compose, resize_normalize, serialize
 from visionpipe.errors import VisionpipeError
 from visionpipe.plots import plot_confusion, save_image_grid
-from visionpipe.task import DataBundle, ExportSpec, Predictor, Task
+from visionpipe.task import DataBundle, ExportSpec, PredictOption, Predictor, Task
 from visionpipe_plugins.segmentation.config import ModelConfig, SegmentationConfig
 from visionpipe_plugins.segmentation.data import SegmentationDataset, load_splits
 from visionpipe_plugins.segmentation.masks import colorize, voc_palette
@@ -50,6 +50,8 @@ class SegmentationTask(Task):
     monitor = "val/mIoU"
     monitor_mode = "max"
     models: ClassVar[dict] = BUILDERS
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "alpha": PredictOption(0.5, "opacity of the class colours in the overlay PNGs", float, records=False)}
 
     cfg: SegmentationConfig
 
@@ -220,4 +222,4 @@ class SegmentationTask(Task):
             raise VisionpipeError(f"task {cls.name}: predict needs a SOURCE (file, folder or glob)")
         opts = {**options, "save_images": True, "out_dir": str(out_dir),
                 "source_root": source if Path(source).is_dir() else None}
-        return predict_images(backend, cls.predictor(metadata, opts), source, out_dir, opts)
+        return predict_images(backend, cls.build_predictor(metadata, opts), source, out_dir, opts)

@@ -147,8 +147,9 @@ def test_predict_folder_with_corrupt_files(finished_run, tmp_path):
     assert (out / "images" / "sub" / "deep.png").is_file()
     after = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths.values()}
     assert before == after, "inputs are never rewritten"
-    # a second run resumes: nothing is predicted twice
-    proc = run_cli("predict", str(run / "model.onnx"), str(tmp_path / "in"), "--out", str(out), cwd=tmp_path)
+    # a second run of the same command resumes: nothing is predicted twice
+    proc = run_cli("predict", str(run / "model.onnx"), str(tmp_path / "in"), "--out", str(out), "--top-k", "2",
+                   cwd=tmp_path)
     assert json.loads(proc.stdout)["images"] == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 5
 
@@ -251,15 +252,22 @@ def test_predictions_are_redone_when_resume_changes_the_model(tmp_path, tiny_pip
     always_better = ["--set", "train.monitor=epoch", "--set", "train.monitor_mode=max"]  # best.pt = last epoch
     run_cli("run", str(p), "--run-dir", "r", *always_better, cwd=tmp_path)
     preds = tmp_path / "r" / "predictions"
-    first = (preds / "model.sha256").read_text()
+    model_sha = lambda: json.loads((preds / "fingerprint.json").read_text())["model_sha256"]  # noqa: E731
+    first = model_sha()
     assert json.loads((preds / "summary.json").read_text())["engine"]["streams"] == 2  # the predict block's setting
-    assert first.strip() == hashlib.sha256((tmp_path / "r" / "model.onnx").read_bytes()).hexdigest()
+    assert first == hashlib.sha256((tmp_path / "r" / "model.onnx").read_bytes()).hexdigest()
     run_cli("run", "--resume", "r", "--set", "train.epochs=2", *always_better, cwd=tmp_path)
-    assert (preds / "model.sha256").read_text().strip() == \
-        hashlib.sha256((tmp_path / "r" / "model.onnx").read_bytes()).hexdigest() != first.strip()
+    assert model_sha() == hashlib.sha256((tmp_path / "r" / "model.onnx").read_bytes()).hexdigest() != first
     records = [json.loads(x) for x in (preds / "predictions.jsonl").read_text().splitlines()]
     n_images = len(list((color_data / "val").rglob("*.png")))
     assert len(records) == n_images == len({r["path"] for r in records}), "every image once, from the new model"
+    # the same model with other record options (was: silently resumed with the old top_k)
+    run_cli("run", "--resume", "r", "--set", "train.epochs=2", "--set", "predict.top_k=1", *always_better, cwd=tmp_path)
+    assert "holds predictions made with other settings (top_k 5 → 1); predicting again" in \
+        (tmp_path / "r" / "run.log").read_text()
+    records = [json.loads(x) for x in (preds / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == n_images == len({r["path"] for r in records})
+    assert all(len(r["labels"]) == 1 for r in records), "every record with the new top_k"
 
 
 def test_a_monitor_that_is_no_metric_is_a_clear_error(tmp_path, tiny_pipeline):

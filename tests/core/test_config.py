@@ -168,9 +168,17 @@ def test_stages_need_the_stages_they_build_on(tmp_path):
     (BASE + "train:\n  epochs: 5\n", "p.yaml:10: duplicate key 'train' (first at line 5)"),
     (BASE + "x: &a [*a]\n", "p.yaml:10: a YAML alias refers to a value that contains it"),
     (BASE + "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
-     + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef")),
+     + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef", strict=True)),
      "the YAML expands to more than 100,000 values"),
 ])
 def test_yaml_duplicates_and_alias_bombs_are_refused(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(write(tmp_path, text))
+
+
+def test_unknown_predict_option_is_a_config_error_at_load(tmp_path):
+    p = write(tmp_path, BASE + "predict:\n  source: data\n  options: {top_kk: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}:12: predict.options.top_kk: unknown predict option 'top_kk'")
+    assert "did you mean 'top_k'" in str(e.value)

@@ -120,3 +120,26 @@ def test_cli_predict_with_checkpoint_equals_onnx(tiny_model, tmp_path, monkeypat
     assert [r["path"] for r in ra] == [r["path"] for r in rb]
     for x, y in zip(ra, rb, strict=True):
         assert x["labels"] == y["labels"] and np.allclose(x["scores"], y["scores"], atol=1e-4)
+
+
+def test_models_with_broken_metadata_are_one_line_errors(tiny_model, tmp_path):
+    import onnx
+
+    from visionpipe.export.onnx import METADATA_KEY
+
+    def with_metadata(name: str, value: str):
+        model = onnx.load(str(tiny_model.onnx))
+        for prop in model.metadata_props:
+            if prop.key == METADATA_KEY:
+                prop.value = value
+        onnx.save(model, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    with pytest.raises(VisionpipeError, match="metadata is not valid JSON"):
+        open_backend(with_metadata("json.onnx", "{not json"), "cpu")
+    with pytest.raises(VisionpipeError, match="metadata names no task"):
+        open_backend(with_metadata("list.onnx", "[1, 2]"), "cpu")
+    _, meta = open_backend(str(tiny_model.onnx), "cpu")
+    meta.pop("preprocess")
+    with pytest.raises(VisionpipeError, match=r"does not fit task classification \(no 'preprocess'\)"):
+        ClassificationTask.build_predictor(meta, {})

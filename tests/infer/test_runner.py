@@ -238,3 +238,19 @@ def test_cli_killed_mid_run_resumes_without_duplicates(tiny_model, tmp_path):
     paths = [r["path"] for r in lines(pred_file)]
     assert len(paths) == len(set(paths)) == 600
     assert paths == sorted(paths), "input order kept across the kill"
+
+
+def test_merge_skips_a_torn_last_line_and_names_a_broken_one(onnx_backend, tmp_path):
+    write_images(tmp_path / "in", 6)
+    shards = tmp_path / "shards"
+    for i in (0, 1):
+        predict(onnx_backend, tmp_path / "in", shards, shard=f"{i}/2")
+    part = shards / "predictions.shard1of2.jsonl"
+    whole = part.read_bytes()
+    part.write_bytes(whole[:-40])  # a killed shard: its last record is cut mid-line
+    result = merge_outputs(shards, tmp_path / "merged", partial=True)
+    assert result["predictions"]["records"] == 5
+    assert len(lines(tmp_path / "merged" / "predictions.jsonl")) == 5
+    part.write_bytes(b"{not json}\n" + whole)
+    with pytest.raises(VisionpipeError, match=r"predictions.shard1of2.jsonl:1: not a JSON record"):
+        merge_outputs(shards, tmp_path / "merged2", partial=True)

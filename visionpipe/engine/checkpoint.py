@@ -95,3 +95,18 @@ def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, *, strict
     if not set(sd) & set(own):
         raise VisionpipeError(f"{path}: none of its {len(sd)} tensors match this model's parameter names")
     return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys), "mismatched": mismatched}
+
+
+def state_mismatch(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str | None:
+    """A short description of how ``saved`` does not fit a model whose state dict is ``own`` (None: it fits)."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k}: {list(saved[k].shape)} in the checkpoint, {list(own[k].shape)} in the model"
+              for k in own if k in saved and hasattr(saved[k], "shape") and saved[k].shape != own[k].shape]
+    parts = []
+    if shapes:
+        parts.append(shapes[0] + (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""))
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{what} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
+    return "; ".join(parts) or None

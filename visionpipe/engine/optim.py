@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,11 +40,36 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: in
     if cfg.name == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
     if cfg.name == "cosine":
-        t_max = cfg.t_max or max(1, epochs - int(cfg.warmup_epochs))
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=cfg.eta_min)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cosine_t_max(cfg, epochs), eta_min=cfg.eta_min)
     if cfg.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.factor, patience=cfg.patience)
     raise ValueError(cfg.name)
+
+
+def cosine_t_max(cfg: SchedulerConfig, epochs: int) -> int:
+    """The cosine schedule's length in epochs: ``t_max``, or the epochs after warm-up."""
+    return cfg.t_max or max(1, epochs - int(cfg.warmup_epochs))
+
+
+def retarget_scheduler(sched: Any, cfg: SchedulerConfig, epochs: int) -> bool:
+    """Fit a restored scheduler to a changed ``train.epochs``; True when its horizon changed.
+
+    Only cosine depends on the number of epochs: it gets the new length, and the LR is set to the
+    new schedule's value at the step the scheduler has reached, from which it anneals as usual.
+    """
+    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+        return False
+    t_max = cosine_t_max(cfg, epochs)
+    if sched.T_max == t_max:
+        return False
+    sched.T_max = t_max
+    step = min(sched.last_epoch, t_max)
+    lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * step / t_max)) / 2
+           for base in sched.base_lrs]
+    for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs
+    return True
 
 
 class Warmup:

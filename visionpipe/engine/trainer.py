@@ -24,7 +24,7 @@ from visionpipe.engine import distributed as dist
 from visionpipe.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
 from visionpipe.engine.loaders import make_loader, pin_memory
 from visionpipe.engine.meters import Meter
-from visionpipe.engine.optim import Warmup, build_optimizer, build_scheduler
+from visionpipe.engine.optim import Warmup, build_optimizer, build_scheduler, retarget_scheduler
 from visionpipe.engine.progress import fmt, make_progress
 from visionpipe.errors import TrainingError, VisionpipeError, did_you_mean
 from visionpipe.task import OptimizationContext, Task
@@ -126,6 +126,7 @@ class Trainer:
             "info": self.ctx.info,
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else None,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if s is not None},
             "warmups": {k: w.state_dict() for k, w in self.warmups.items()},
@@ -144,11 +145,19 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema"):
             self.ema.module.load_state_dict(state["ema"])
+            # 0 would make the next update copy the live weights; older checkpoints lack the count, and
+            # the EMA's update ignores its value once it is above 0
+            self.ema.n_averaged.fill_(int(state.get("ema_n_averaged") or 1))
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
+        retargeted = False
         for k, s in self.schedulers.items():
             if s is not None and k in state.get("schedulers", {}):
                 s.load_state_dict(state["schedulers"][k])
+                retargeted |= retarget_scheduler(s, self.cfg.scheduler, self.cfg.epochs)
+        if retargeted:
+            log.info("train.epochs is now %d: the %s schedule is recomputed for %d epochs and continues from epoch %d",
+                     self.cfg.epochs, self.cfg.scheduler.name, self.cfg.epochs, int(state["epoch"]))
         self._warm_state = state.get("warmups", {})
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])

@@ -131,5 +131,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise VisionpipeError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
+            try:
+                meta = json.loads(prop.value)
+            except ValueError as e:
+                raise VisionpipeError(f"{p}: its visionpipe metadata is not valid JSON ({e}); "
+                                      "export the model again with `visionpipe export`") from None
+            if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+                raise VisionpipeError(f"{p}: its visionpipe metadata names no task; "
+                                      "export the model again with `visionpipe export`")
+            return meta
     raise VisionpipeError(f"{p}: no visionpipe metadata; export it with `visionpipe export` first")

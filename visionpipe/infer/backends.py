@@ -26,6 +26,7 @@ class Backend:
     name: str = "backend"
     streams: int = 1  # batches that may run at once (run() is called from that many threads)
     on_cpu: bool = False  # the model computes on the CPU (it competes with decoding for the cores)
+    model_file: Path | None = None  # the file it was opened from (open_backend sets it)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs for one batch."""
@@ -236,9 +237,12 @@ def open_backend(model_path: str, device: str = "auto", **kw: Any) -> tuple[Back
         if choice == "torch":
             raise VisionpipeError(f"{p}: --backend torch needs a .pt checkpoint (or a run folder)")
         meta = read_metadata(p)
-        return OnnxBackend(p, device, threads=kw.get("threads"), graph_optimization=kw.get("graph_optimization") or "all",
-                           inter_threads=kw.get("inter_threads"), spinning=kw.get("spinning", False),
-                           streams=kw.get("streams", 1)), meta
+        backend: Backend = OnnxBackend(p, device, threads=kw.get("threads"),
+                                       graph_optimization=kw.get("graph_optimization") or "all",
+                                       inter_threads=kw.get("inter_threads"), spinning=kw.get("spinning", False),
+                                       streams=kw.get("streams", 1))
+        backend.model_file = p
+        return backend, meta
     if p.suffix in (".pt", ".pth"):
         if choice == "onnxruntime":
             raise VisionpipeError(f"{p}: --backend onnxruntime needs an exported .onnx model (visionpipe export)")
@@ -248,6 +252,8 @@ def open_backend(model_path: str, device: str = "auto", **kw: Any) -> tuple[Back
         meta = json.loads(json.dumps(spec.metadata, default=str))  # the same plain data an exported model carries
         meta.setdefault("inputs", spec.input_names)
         meta.setdefault("outputs", spec.output_names)
-        return TorchBackend(module, spec.input_names, device, amp=bool(kw.get("amp")), threads=kw.get("threads"),
-                            streams=kw.get("streams", 1)), meta
+        backend = TorchBackend(module, spec.input_names, device, amp=bool(kw.get("amp")), threads=kw.get("threads"),
+                               streams=kw.get("streams", 1))
+        backend.model_file = p
+        return backend, meta
     raise VisionpipeError(f"{p}: expected an exported .onnx model, a .pt checkpoint or a run folder")

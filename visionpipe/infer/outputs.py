@@ -6,25 +6,40 @@ import heapq
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from visionpipe.errors import VisionpipeError
-from visionpipe.io import atomic_open, write_json
+from visionpipe.io import TMP_PREFIX, atomic_open, clean_stale_tmp, write_json
 
 log = logging.getLogger(__name__)
 KINDS = ("predictions", "errors")
 _ENCODER = json.JSONEncoder(default=str)  # one encoder (json.dumps(default=...) builds a new one per call)
-_SHARD_RE = re.compile(r"^(?P<kind>predictions|errors|summary)\.shard(?P<i>\d+)of(?P<n>\d+)\.jsonl?$")
+_SHARD_RE = re.compile(r"^(?P<kind>predictions|errors|summary|fingerprint)\.shard(?P<i>\d+)of(?P<n>\d+)\.jsonl?$")
+FINGERPRINT = "fingerprint"
+"""``fingerprint.json`` (``fingerprint.shardIofN.json``): the model and options that made the predictions beside it."""
+STALE_TMP_SECONDS = 600
+"""A temporary file of another shard this much older than now is left over from a kill (a write takes moments)."""
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file, one at a time."""
+    """Records of a JSONL file, one at a time; a torn last line (a killed writer) is skipped with a warning."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                if not line.endswith("\n"):
+                    log.warning("%s:%d: skipped a partial last line left by an interrupted run", path, lineno)
+                    return
+                raise VisionpipeError(f"{path}:{lineno}: not a JSON record ({e})") from None
+            if not isinstance(record, dict):
+                raise VisionpipeError(f"{path}:{lineno}: not a JSON record (an object) but {type(record).__name__}")
+            yield record
 
 
 def read_done(path: Path) -> set[str]:
@@ -66,6 +81,53 @@ class JsonlAppender:
     def close(self) -> None:
         """Close the file."""
         self._f.close()
+
+
+def shard_files(out_dir: Path, suffix: str) -> list[Path]:
+    """The files one predict run (of one shard) writes and resumes from: predictions, errors, summary, fingerprint."""
+    return [out_dir / f"predictions{suffix}.jsonl", out_dir / f"errors{suffix}.jsonl", out_dir / f"summary{suffix}.json",
+            out_dir / f"{FINGERPRINT}{suffix}.json"]
+
+
+def read_fingerprint(path: Path) -> dict[str, Any] | None:
+    """The fingerprint in ``path``; None when there is none (or it cannot be read)."""
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return fp if isinstance(fp, dict) else None
+
+
+def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two fingerprints, as 'model sha256 A → B, top_k 5 → 2' ('' when they match)."""
+    parts = []
+    a, b = old.get("model_sha256"), new.get("model_sha256")
+    if a != b:
+        parts.append(f"model sha256 {str(a)[:12]} → {str(b)[:12]}")
+    o, n = old.get("options") or {}, new.get("options") or {}
+    for k in sorted(set(o) | set(n)):
+        if o.get(k) != n.get(k):
+            parts.append(f"{k} {o.get(k)!r} → {n.get(k)!r}")
+    return ", ".join(parts)
+
+
+def clean_stale_temp(out_dir: Path, shard: tuple[int, int]) -> list[Path]:
+    """Remove temporary files (``.vp-tmp-*``) a killed predict left in ``out_dir`` and its sub-folders.
+
+    Other shards may be writing into the same folder: a sharded run removes only its own files and
+    those untouched for :data:`STALE_TMP_SECONDS`."""
+    if shard[1] == 1:
+        return clean_stale_tmp(out_dir)
+    own, old = f".shard{shard[0]}of{shard[1]}.", time.time() - STALE_TMP_SECONDS
+    removed = []
+    for p in out_dir.rglob(TMP_PREFIX + "*") if out_dir.is_dir() else []:
+        try:
+            if p.is_file() and (own in p.name or p.stat().st_mtime < old):
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+    return removed
 
 
 class _Unsorted(Exception):
@@ -122,6 +184,22 @@ def find_shards(folder: Path) -> dict[int, dict[str, dict[int, Path]]]:
     return found
 
 
+def _same_fingerprint(folder: Path, n: int, files: dict[int, Path], present: set[int]) -> dict[str, Any] | None:
+    """The fingerprint every shard with output shares; an error naming the shards when they differ.
+
+    None when a shard has no fingerprint (written by an older visionpipe): nothing to compare."""
+    prints = {i: read_fingerprint(files[i]) if i in files else None for i in sorted(present)}
+    if not prints or any(fp is None for fp in prints.values()):
+        return None
+    first_i, first = next(iter(prints.items()))
+    for i, fp in prints.items():
+        diff = fingerprint_difference(first, fp)  # type: ignore[arg-type]
+        if diff:
+            raise VisionpipeError(f"{folder}: shards {first_i}/{n} and {i}/{n} come from different models or options "
+                                  f"({diff}); predict shard {i}/{n} again like the others, with --overwrite")
+    return first
+
+
 def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) -> dict[str, Any]:
     """Merge ``predictions.shard*.jsonl`` / ``errors.shard*.jsonl`` of one sharded run into one file each.
 
@@ -142,6 +220,7 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
     if missing and not partial:
         raise VisionpipeError(f"{folder}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} have no output yet; "
                               f"run them (or merge with --partial)")
+    fingerprint = _same_fingerprint(folder, n, kinds.get(FINGERPRINT, {}), present)
     result: dict[str, Any] = {"shards": n, "missing_shards": missing}
     for kind in KINDS:
         parts = [kinds.get(kind, {})[i] for i in sorted(kinds.get(kind, {}))]
@@ -155,6 +234,8 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
                   "per_shard": summaries}
         write_json(out / "summary.json", merged)
         result["summary"] = str(out / "summary.json")
+    if fingerprint is not None:  # the merged folder resumes like one unsharded run's
+        write_json(out / f"{FINGERPRINT}.json", fingerprint)
     log.info("merged %d shard(s): %d prediction(s), %d error(s) -> %s", n, result["predictions"]["records"],
              result["errors"]["records"], out)
     return result

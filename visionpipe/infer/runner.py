@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,13 +27,27 @@ from visionpipe.engine.progress import make_progress
 from visionpipe.errors import ImageReadError, VisionpipeError
 from visionpipe.images import read_image
 from visionpipe.infer.backends import Backend, usable_cores
-from visionpipe.infer.outputs import JsonlAppender, iter_jsonl, merge_outputs, read_done
+from visionpipe.infer.outputs import (
+    FINGERPRINT,
+    JsonlAppender,
+    clean_stale_temp,
+    fingerprint_difference,
+    iter_jsonl,
+    merge_outputs,
+    read_done,
+    read_fingerprint,
+    shard_files,
+)
 from visionpipe.infer.pool import POOLS, ordered_map
 from visionpipe.infer.sources import iter_indexed, iter_sources, parse_shard, shard_suffix
-from visionpipe.io import write_json
+from visionpipe.io import sha256_file, write_json
 from visionpipe.task import Predictor
 
-__all__ = ["predict_images", "merge_outputs", "read_done", "ordered_map", "default_workers", "iter_sources"]
+if TYPE_CHECKING:
+    from visionpipe.task import Task
+
+__all__ = ["run_predict", "predict_images", "merge_outputs", "read_done", "ordered_map", "default_workers",
+           "iter_sources"]
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 16
@@ -327,6 +342,64 @@ def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on
     t = threading.Thread(target=count, name="count-inputs", daemon=True)
     t.start()
     return t
+
+
+ON_CHANGE = ("refuse", "restart", "overwrite")
+
+
+def run_predict(task_cls: type[Task], backend: Backend, metadata: dict[str, Any], source: str | None, out_dir: Path,
+                options: dict[str, Any], *, on_change: str = "refuse") -> dict[str, Any]:
+    """Run ``task_cls.predict`` into ``out_dir`` after making sure it resumes only its own model's predictions.
+
+    Temporary files a killed run left in ``out_dir`` are removed first. For a task whose predict
+    resumes, ``fingerprint.json`` (per shard) records the model's sha256 and the options that change
+    the records. When ``out_dir`` holds this shard's predictions of another fingerprint (or of an
+    unknown one), ``on_change`` decides: "refuse" (an error naming what differs), "restart" (delete
+    ``out_dir``, a folder the caller owns, and predict again) or "overwrite" (delete this shard's
+    outputs first, even when they match). ``backend.model_file`` must name the model (open_backend sets it).
+    """
+    if on_change not in ON_CHANGE:
+        raise ValueError(f"on_change={on_change!r}: use one of {', '.join(ON_CHANGE)}")
+    out_dir = Path(out_dir)
+    shard = parse_shard(options.get("shard"))
+    if task_cls.predict_resumes:
+        if backend.model_file is None:
+            raise VisionpipeError("predict needs the model file to fingerprint its outputs; open the model with "
+                                  "visionpipe.infer.backends.open_backend()")
+        fingerprint = {"task": task_cls.name, "model": str(Path(backend.model_file).resolve()),
+                       "model_sha256": sha256_file(backend.model_file),
+                       "options": task_cls.record_options(options)}
+        _claim(out_dir, shard_suffix(shard), fingerprint, on_change)
+    stale = clean_stale_temp(out_dir, shard)
+    if stale:
+        log.info("removed %d temporary file(s) left in %s by a killed run", len(stale), out_dir)
+    return task_cls.predict(backend, metadata, source, out_dir, options)
+
+
+def _claim(out_dir: Path, suffix: str, fingerprint: dict[str, Any], on_change: str) -> None:
+    """Make ``out_dir`` hold only this shard's outputs of ``fingerprint`` (see :func:`run_predict`); record it."""
+    files = shard_files(out_dir, suffix)
+    fp_file = out_dir / f"{FINGERPRINT}{suffix}.json"
+    has_outputs = any(f.is_file() and f.stat().st_size > 0 for f in files[:2])
+    if on_change == "overwrite":
+        gone = [f for f in files if f.is_file()]
+        for f in gone:
+            f.unlink()
+        if gone:
+            log.info("--overwrite: removed %s from %s", ", ".join(f.name for f in gone), out_dir)
+    elif has_outputs or (on_change == "restart" and out_dir.is_dir() and any(out_dir.iterdir())):
+        old = read_fingerprint(fp_file)
+        diff = fingerprint_difference(old, fingerprint) if old is not None else None
+        if old is None or diff:
+            what = (f"predictions made with other settings ({diff})" if old is not None else
+                    f"predictions of an unknown model and options (no {fp_file.name})")
+            if on_change == "refuse":
+                raise VisionpipeError(f"{out_dir}: holds {what}; use another --out, or add --overwrite to "
+                                      f"predict every input again")
+            log.info("%s holds %s; predicting again", out_dir, what)
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(fp_file, fingerprint)
 
 
 def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir: Path,
