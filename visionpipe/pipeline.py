@@ -21,7 +21,7 @@ from visionpipe import __version__
 from visionpipe.config import LoadedConfig, PipelineConfig, dump_yaml, load_config
 from visionpipe.engine import distributed as dist
 from visionpipe.engine.checkpoint import load_checkpoint, seed_everything, state_mismatch
-from visionpipe.errors import ConfigError, VisionpipeError
+from visionpipe.errors import ConfigError, UsageError, VisionpipeError
 from visionpipe.io import append_jsonl, clean_stale_tmp, sha256_file, write_json, write_text
 from visionpipe.manager import PluginManager, get_manager
 from visionpipe.paths import resolve_under
@@ -140,6 +140,8 @@ def new_run_dir(cfg: PipelineConfig) -> Path:
     """<output>/<name>, or <name>-2, -3 ... when taken."""
     root = Path(cfg.output).resolve()
     base = resolve_under(root, cfg.name or "run", what="run name")
+    if base == root:
+        raise ConfigError(f"'{cfg.name}' is the output folder itself; name a folder inside it", field="name")
     path, i = base, 2
     while path.exists():
         path = base.with_name(f"{base.name}-{i}")
@@ -326,6 +328,18 @@ def _read_history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+RESERVED_DIRS = ("checkpoints", "plots", "tb")  # run-folder entries that export.file and predict.out may not touch
+
+
+def _in_reserved(ctx: RunContext, path: Path) -> bool:
+    """True when ``path`` is one of the run folder's own files or folders, or lies in one of those folders."""
+    run = ctx.run_dir.resolve()
+    own = [run / d for d in RESERVED_DIRS]
+    files = [run / f for f in ("config.yaml", "manifest.json", "metrics.json", "metrics.jsonl", "run.log",
+                               "data_errors.jsonl")]
+    return path in files or any(path == d or d in path.parents for d in own)
+
+
 def stage_export(ctx: RunContext) -> dict[str, Any]:
     """Export to ONNX with a parity check; fail when outside tolerance."""
     from visionpipe.export.onnx import export_onnx
@@ -338,6 +352,9 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
     ctx.model.eval()
     spec = ctx.task.export_spec(ctx.model.cpu(), ctx.data, ctx.info, cfg.parity_samples)
     out = resolve_under(ctx.run_dir, cfg.file, what="export.file")
+    if out.suffix != ".onnx" or out.is_dir() or _in_reserved(ctx, out):
+        raise ctx.loaded.source.error(f"'{cfg.file}' must be an .onnx file of its own in the run folder (not a "
+                                      f"folder, and not in {', '.join(RESERVED_DIRS)})", ("export", "file"))
     report = export_onnx(spec, out, opset=cfg.opset, tolerance=cfg.tolerance, dynamic_batch=cfg.dynamic_batch)
     ctx.model.to(ctx.device)
     ctx.outputs["onnx"] = str(out)
@@ -360,9 +377,12 @@ def stage_predict(ctx: RunContext) -> dict[str, Any]:
     except ConfigError as e:
         raise ctx.loaded.source.error(e.message, ("predict", "options", e.field)) from None
     out_dir = resolve_under(ctx.run_dir, cfg.out, what="predict.out")
-    if out_dir == ctx.run_dir.resolve():  # the stage may delete its folder (below)
-        raise ctx.loaded.source.error("must be a folder inside the run folder, not the run folder itself",
-                                      ("predict", "out"))
+    onnx = Path(ctx.outputs["onnx"]).resolve() if ctx.outputs.get("onnx") else None
+    if (out_dir == ctx.run_dir.resolve() or _in_reserved(ctx, out_dir) or (out_dir.exists() and not out_dir.is_dir())
+            or (onnx is not None and out_dir in onnx.parents)):  # the stage may delete its folder (below)
+        raise ctx.loaded.source.error(f"'{cfg.out}' must be a folder of its own inside the run folder: not the run "
+                                      f"folder, a file, a folder holding the exported model, or in "
+                                      f"{', '.join(RESERVED_DIRS)}", ("predict", "out"))
     model_path = ctx.outputs.get("onnx") or (ctx.run_dir / "checkpoints" / "best.pt")
     backend, metadata = open_backend(str(model_path), device=cfg.device, streams=cfg.streams)  # None: sized for predict
     opts = {**options, "batch_size": cfg.batch_size, "top_k": cfg.top_k, "save_images": cfg.save_images,
@@ -438,7 +458,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
     if not resume:
         return _run(path, overrides, manager, run_dir=run_dir)
     if run_dir:
-        raise VisionpipeError(f"--run-dir {run_dir} with --resume {resume}: a resumed run stays in its own folder; "
+        raise UsageError(f"--run-dir {run_dir} with --resume {resume}: a resumed run stays in its own folder; "
                               "give only one of them")
     run_path = Path(resume).resolve()
     if not (run_path / "config.yaml").is_file():
@@ -488,7 +508,7 @@ def _run(path: str | None, overrides: list[str] | None, manager: PluginManager, 
         loaded = load_config(path, overrides, manager=manager)
         run_path = Path(run_dir).resolve() if run_dir else new_run_dir(loaded.config)
         if (run_path / "manifest.json").is_file():
-            raise VisionpipeError(
+            raise UsageError(
                 f"--run-dir {run_dir}: already holds a run (manifest.json); continue it with "
                 f"`visionpipe run --resume {run_dir}`, or choose another --run-dir")
     cfg = loaded.config

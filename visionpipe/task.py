@@ -130,23 +130,33 @@ class PredictOption:
     records: bool = True
     """Whether the value changes the records predict writes; such options are part of the fingerprint that
     lets a re-run resume only the predictions of the same model and options."""
+    low: float | None = None
+    """Smallest accepted value of a number (inclusive)."""
+    high: float | None = None
+    """Largest accepted value of a number (inclusive)."""
 
     def coerce(self, value: Any) -> Any:
-        """``value`` as this option's type; a ValueError saying what was expected when it is not one."""
+        """``value`` as this option's type and range; a ValueError saying what was expected when it is not."""
         t = self.value_type
         if value is None or t is None:
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, t) and not (t is int and isinstance(value, bool)):
-            return value
-        kind = {float: "a number", int: "an integer", str: "text", bool: "true or false"}.get(t, t.__name__)
-        raise ValueError(f"must be {kind} (got {value!r})")
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"must be a finite number (got {value!r})")
+        elif not isinstance(value, t) or (t is int and isinstance(value, bool)):
+            kind = {float: "a number", int: "an integer", str: "text", bool: "true or false"}.get(t, t.__name__)
+            raise ValueError(f"must be {kind} (got {value!r})")
+        if self.low is not None and value < self.low:
+            raise ValueError(f"must be >= {self.low:g} (got {value!r})")
+        if self.high is not None and value > self.high:
+            raise ValueError(f"must be <= {self.high:g} (got {value!r})")
+        return value
 
 
 ENGINE_PREDICT_OPTIONS: dict[str, PredictOption] = {
     "prefetch": PredictOption(None, "images decoded ahead of the model (default max(2 x batch, 4 x workers))", int,
-                              records=False),
+                              records=False, low=1),
     "count_total": PredictOption(True, "count the inputs in the background for the progress bar's ETA", bool,
                                  records=False),
     "pin": PredictOption(None, "pin each model runner to its own core (default: decided from the engine)", bool,

@@ -31,7 +31,7 @@ class CharRnnClassifyTask(CharRnnTask):
     monitor = "val/acc"
     monitor_mode = "max"
     predict_options: ClassVar[dict[str, PredictOption]] = {
-        "top_k": PredictOption(5, "classes per record, likeliest first", int)}
+        "top_k": PredictOption(5, "classes per record, likeliest first", int, low=1)}
 
     cfg: CharRnnClassifyConfig
 

@@ -50,13 +50,14 @@ class CharRnnGenerateTask(CharRnnTask):
     predict_options: ClassVar[dict[str, PredictOption]] = {
         "prompt": PredictOption(None, "the text to continue (default: each line of SOURCE, else the model's "
                                         "sampling.prompt)", str),
-        "length": PredictOption(None, "characters to generate (default: the model's sampling.length)", int),
+        "length": PredictOption(None, "characters to generate (default: the model's sampling.length)", int,
+                               low=1),
         "temperature": PredictOption(None, "sampling temperature, 0 = greedy (default: the model's "
-                                             "sampling.temperature)", float),
+                                             "sampling.temperature)", float, low=0),
         "top_k": PredictOption(None, "sample among the k likeliest characters, 0 = all (default: the model's "
-                                       "sampling.top_k)", int),
-        "num": PredictOption(1, "samples per prompt", int),
-        "seed": PredictOption(0, "random seed", int),
+                                       "sampling.top_k)", int, low=0),
+        "num": PredictOption(1, "samples per prompt", int, low=1),
+        "seed": PredictOption(0, "random seed", int, low=0),
     }
 
     cfg: CharRnnGenerateConfig

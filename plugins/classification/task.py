@@ -47,7 +47,7 @@ class ClassificationTask(Task):
     monitor_mode = "max"
     models: ClassVar[dict] = _Registry()
     predict_options: ClassVar[dict[str, PredictOption]] = {
-        "top_k": PredictOption(5, "classes per record, likeliest first", int)}
+        "top_k": PredictOption(5, "classes per record, likeliest first", int, low=1)}
 
     cfg: ClassificationConfig
 

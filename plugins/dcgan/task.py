@@ -58,8 +58,8 @@ class DcganTask(Task):
     image_predict = False
     predict_resumes = False  # every run writes all its samples again
     predict_options: ClassVar[dict[str, PredictOption]] = {
-        "num": PredictOption(16, "how many images to generate", int),
-        "seed": PredictOption(0, "seed of the noise the images are generated from", int)}
+        "num": PredictOption(16, "how many images to generate", int, low=1),
+        "seed": PredictOption(0, "seed of the noise the images are generated from", int, low=0)}
 
     cfg: DcganConfig
 

@@ -45,9 +45,9 @@ class DetectionTask(Task):
     models: ClassVar[dict] = dict.fromkeys(DETECTION_MODELS)
     predict_options: ClassVar[dict[str, PredictOption]] = {
         "score_threshold": PredictOption(None, "records keep detections scoring at least this (default: the model's "
-                                                "box_score_thresh)", float),
+                                                "box_score_thresh)", float, low=0, high=1),
         "draw_threshold": PredictOption(None, "--save-images draws boxes scoring at least this (default 0.5)", float,
-                                        records=False),
+                                        records=False, low=0, high=1),
         "gt": PredictOption(None, "COCO annotation file whose image ids coco_results.json uses (and scores against)",
                             str, records=False),
     }

@@ -51,7 +51,8 @@ class SegmentationTask(Task):
     monitor_mode = "max"
     models: ClassVar[dict] = BUILDERS
     predict_options: ClassVar[dict[str, PredictOption]] = {
-        "alpha": PredictOption(0.5, "opacity of the class colours in the overlay PNGs", float, records=False)}
+        "alpha": PredictOption(0.5, "opacity of the class colours in the overlay PNGs", float, records=False,
+                               low=0, high=1)}
 
     cfg: SegmentationConfig
 

@@ -120,13 +120,13 @@ def test_run_dir_that_holds_a_run_is_refused(tmp_path, tiny_pipeline):
     run_cli("run", str(p), "--run-dir", "r", cwd=tmp_path)
     files = {q: q.read_bytes() for q in (tmp_path / "r").rglob("*") if q.is_file() and "tb" not in q.parts}
     proc = run_cli("run", str(p), "--run-dir", "r", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert ("--run-dir r: already holds a run (manifest.json); continue it with `visionpipe run --resume r`, "
             "or choose another --run-dir") in " ".join(proc.stderr.split())
     assert {q: q.read_bytes() for q in files} == files and \
         {q for q in (tmp_path / "r").rglob("*") if q.is_file() and "tb" not in q.parts} == set(files)
     proc = run_cli("run", "--resume", "r", "--run-dir", "elsewhere", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "a resumed run stays in its own folder" in proc.stderr
+    assert proc.returncode == 2 and "a resumed run stays in its own folder" in proc.stderr
     assert not (tmp_path / "elsewhere").exists()
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from visionpipe.engine.checkpoint import load_checkpoint, save_checkpoint
 from visionpipe.errors import UnsafePathError, VisionpipeError
 from visionpipe.io import TMP_PREFIX, atomic_open, atomic_path, clean_stale_tmp, write_json
@@ -29,18 +30,48 @@ def test_checkpoint_roundtrip(tmp_path):
     assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
 
 
-def test_pickled_objects_are_refused(tmp_path):
+def test_pickled_objects_are_refused_with_the_reason_and_no_unsafe_advice(tmp_path):
     p = tmp_path / "evil.pt"
     torch.save({"model": Payload()}, p)
-    with pytest.raises(VisionpipeError, match="weights_only=True"):
+    with pytest.raises(VisionpipeError) as e:
         load_checkpoint(p)
+    message = str(e.value)
+    assert message.startswith(f"{p}: refused: it holds pickled Python objects, which are never loaded (")
+    assert "posix.system" in message and "weights_only=False" not in message and "\n" not in message
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("content", [b"not a zip", b"101\n", b"\x08\x07onnx-ish protobuf"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
     p = tmp_path / "broken.pt"
-    p.write_bytes(b"not a zip")
-    with pytest.raises(VisionpipeError, match=r"broken\.pt: cannot load checkpoint safely"):
+    p.write_bytes(content)
+    with pytest.raises(VisionpipeError, match=r"broken\.pt: not a readable PyTorch checkpoint \(corrupt, truncated"):
         load_checkpoint(p)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"foo": 1}, "'foo' is a int, not a tensor"),
+    ({"model": {"fc.weight": "text"}}, "'fc.weight' is a str, not a tensor"),
+    ({}, "no model weights found (expected"),
+    ({"other.weight": torch.ones(3)}, "none of its tensors fit this model (0 with a matching name but another "
+                                      "shape, 1 others"),
+])
+def test_weights_files_that_do_not_fit_are_one_line_errors(tmp_path, state, message):
+    from visionpipe.engine.checkpoint import load_weights_file
+
+    p = tmp_path / "w.pt"
+    torch.save(state, p)
+    with pytest.raises(VisionpipeError) as e:
+        load_weights_file(torch.nn.Linear(2, 2), p)
+    assert str(e.value).startswith(f"{p}: ") and message in str(e.value)
+
+
+def test_a_checkpoint_without_a_config_mapping_is_a_clear_error(tmp_path):
+    from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
+
+    p = tmp_path / "c.pt"
+    torch.save({"task": "classification", "config": "not a mapping", "model": {}}, p)
+    with pytest.raises(VisionpipeError, match="not a visionpipe checkpoint"):
+        task_and_model_from_checkpoint(p)
 
 
 @pytest.mark.parametrize("rel", ["../outside.png", "a/../../x.png", "/etc/passwd"])
@@ -136,3 +167,27 @@ def test_atomic_path_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
     with atomic_path(tmp_path / "last.pt") as tmp:
         tmp.write_bytes(b"checkpoint")
     assert calls[:2] == ["fsync", "replace"] and (tmp_path / "last.pt").read_bytes() == b"checkpoint"
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["export.file=checkpoints/best.pt"], "export.file: 'checkpoints/best.pt' must be an .onnx file of its own"),
+    (["export.file=."], "export.file: '.' must be an .onnx file of its own"),
+    (["predict.out=checkpoints", "predict.source=data/val"], "predict.out: 'checkpoints' must be a folder of its own"),
+    (["predict.out=config.yaml", "predict.source=data/val"], "predict.out: 'config.yaml' must be a folder of its own"),
+])
+def test_outputs_cannot_overwrite_the_runs_own_files(tiny_pipeline, tmp_path, sets, message):
+    args = ["run", str(tiny_pipeline()), "--run-dir", "run", "--set", "stages=[load, augment, model, export, predict]"]
+    for s in sets:
+        args += ["--set", s]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "best.pt").write_bytes(b"weights")
+    proc = run_cli(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").read_bytes() == b"weights"
+
+
+def test_a_run_name_that_is_the_output_folder_is_refused(tiny_pipeline, tmp_path):
+    proc = run_cli("run", str(tiny_pipeline()), "--set", "name=.", "--set", f"output={tmp_path / 'runs'}",
+                   "--set", "stages=[load]", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "name: '.' is the output folder itself" in proc.stderr
+    assert not list(tmp_path.glob("runs-*"))

@@ -287,3 +287,19 @@ def test_merge_refuses_shards_of_different_options_and_keeps_the_fingerprint(tin
     again = run_predict(ClassificationTask, backend, meta, str(tmp_path / "in"), tmp_path / "mixed",
                         {"top_k": 2, "workers": 0})
     assert again["skipped_already_done"] == 6 and again["images"] == 0, "the merged folder resumes"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"score_threshold": 1.5}, r"score_threshold: must be <= 1 \(got 1.5\)"),
+    ({"score_threshold": float("nan")}, r"score_threshold: must be a finite number"),
+    ({"draw_threshold": -0.1}, r"draw_threshold: must be >= 0 \(got -0.1\)"),
+    ({"prefetch": 0}, r"prefetch: must be >= 1 \(got 0\)"),
+])
+def test_declared_options_have_ranges(options, message):
+    from visionpipe_plugins.classification.task import ClassificationTask
+    from visionpipe_plugins.detection.task import DetectionTask
+
+    with pytest.raises(ConfigError, match=message):
+        DetectionTask.check_predict_options(options)
+    with pytest.raises(ConfigError, match=r"top_k: must be >= 1 \(got 0\)"):
+        ClassificationTask.check_predict_options({"top_k": 0})

@@ -27,12 +27,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise VisionpipeError(f"{p}: checkpoint not found")
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt file or disallowed global: refuse, say why
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VisionpipeError(f"{p}: cannot load checkpoint safely (weights_only=True): {first}") from None
+    except Exception as e:  # corrupt file or disallowed global: refuse, say why (never "use weights_only=False")
+        raise VisionpipeError(f"{p}: {_why_not_loadable(e)}") from None
     if not isinstance(obj, dict):
         raise VisionpipeError(f"{p}: not a visionpipe checkpoint or state dict (got {type(obj).__name__})")
     return obj
+
+
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _why_not_loadable(e: Exception) -> str:
+    """torch.load's refusal in one line: the unpickler's reason, without torch's advice to turn the check off."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reasons = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines
+               if not ln.startswith(_TORCH_ADVICE)]
+    reason = next((r for r in reasons if r), None) or (lines[0] if lines else type(e).__name__)
+    if "global" in reason.lower():  # a class or function reference: the file holds pickled Python objects
+        return (f"refused: it holds pickled Python objects, which are never loaded ({reason.rstrip('.')}); "
+                "a checkpoint must hold only tensors and plain data (e.g. a state dict)")
+    return f"not a readable PyTorch checkpoint (corrupt, truncated or another format; {type(e).__name__}: {reason[:200]})"
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,20 +82,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def extract_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: dict[str, Any], path: str | os.PathLike = "weights") -> dict[str, torch.Tensor]:
     """The model weights inside a visionpipe checkpoint or a plain/nested state dict file."""
-    for key in ("ema", "model", "state_dict", "model_state_dict"):
-        if key in obj and isinstance(obj[key], dict) and obj[key]:
-            return obj[key]
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise VisionpipeError("no model weights found (expected a state dict or a dict with 'model'/'state_dict')")
+    sd = next((obj[k] for k in ("ema", "model", "state_dict", "model_state_dict")
+               if isinstance(obj.get(k), dict) and obj[k]), obj)
+    if not sd:
+        raise VisionpipeError(f"{path}: no model weights found (expected a state dict, or a dict with "
+                              "'model'/'state_dict')")
+    odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise VisionpipeError(f"{path}: no model weights found: '{odd}' is a {type(sd[odd]).__name__}, not a tensor "
+                              "(expected a state dict, or a dict with 'model'/'state_dict')")
+    return sd
 
 
 def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = False,
                       prefix: str = "", skip_mismatched: bool = True) -> dict[str, list[str]]:
     """Load local weights into ``model``; shape-mismatched keys (e.g. a new head) are skipped and reported."""
-    sd = extract_state_dict(load_checkpoint(path))
+    sd = extract_state_dict(load_checkpoint(path), path)
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     own = model.state_dict()
@@ -93,7 +111,8 @@ def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, *, strict
     if strict and (res.missing_keys or res.unexpected_keys):
         raise VisionpipeError(f"{path}: missing {res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
     if not set(sd) & set(own):
-        raise VisionpipeError(f"{path}: none of its {len(sd)} tensors match this model's parameter names")
+        raise VisionpipeError(f"{path}: none of its tensors fit this model ({len(mismatched)} with a matching name "
+                              f"but another shape, {len(sd)} others with names the model does not have)")
     return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys), "mismatched": mismatched}
 
 

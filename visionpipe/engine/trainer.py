@@ -255,7 +255,8 @@ class Trainer:
             if src is not None and aug is not None:
                 loader = make_loader(EncodedImages(src.samples), cfg.batch_size, train=train, seed=self.ctx.seed,
                                      epoch=self.epoch, cfg=cfg, collate_fn=collate_encoded, device=self.device)
-                return DeviceBatches(loader, DeviceTransform(aug, self.device, self.non_blocking))
+                return DeviceBatches(loader, DeviceTransform(aug, self.device, self.non_blocking,
+                                                             errors_file=self.ctx.path("data_errors.jsonl")))
             if train:
                 raise VisionpipeError(
                     f"train.decode: device is not available for task {self.task.name}: its training set is not "

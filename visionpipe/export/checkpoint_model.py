@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from visionpipe.config import load_config
-from visionpipe.engine.checkpoint import load_checkpoint
+from visionpipe.engine.checkpoint import load_checkpoint, state_mismatch
 from visionpipe.errors import VisionpipeError
 from visionpipe.manager import get_manager
 from visionpipe.task import ExportSpec, Task
@@ -18,12 +18,17 @@ def task_and_model_from_checkpoint(path: str | os.PathLike) -> tuple[Task, nn.Mo
     """(task instance, model with the checkpoint's best weights, checkpoint dict)."""
     p = Path(path)
     state = load_checkpoint(p)
-    if "config" not in state or "task" not in state:
-        raise VisionpipeError(f"{p}: not a visionpipe checkpoint (no task/config inside); export needs one")
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("task"), str):
+        raise VisionpipeError(f"{p}: not a visionpipe checkpoint (no task name and config inside); "
+                              "export and predict need one written by `visionpipe run`")
     loaded = load_config(str(p), data=state["config"], manager=get_manager())
     task = get_manager().task(state["task"])(loaded.config, None)
-    model = task.build_model(state.get("info", {}), pretrained=False)
-    model.load_state_dict(state.get("ema") or state["model"])
+    model = task.build_model(state.get("info") if isinstance(state.get("info"), dict) else {}, pretrained=False)
+    weights = state.get("ema") or state.get("model")
+    problem = state_mismatch(model.state_dict(), weights) if isinstance(weights, dict) else "no model weights"
+    if problem:
+        raise VisionpipeError(f"{p}: its weights do not fit the model its config builds ({problem})")
+    model.load_state_dict(weights)
     return task, model.eval(), state
 
 
