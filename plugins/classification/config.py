@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from visionpipe.augment import AugmentConfig
 from visionpipe.config import Block, PipelineConfig, TrainConfig
+from visionpipe.errors import did_you_mean
 
 
 class GenerateConfig(Block):
@@ -48,6 +49,18 @@ class ModelConfig(Block):
                           "weights name (e.g. IMAGENET1K_V1) found in torchvision's cache; the head is replaced")
     freeze_backbone: bool = Field(False, description="train only the new head")
     dropout: float | None = Field(None, ge=0, lt=1, description="dropout before the head (replaces the head)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if name not in names:
+            raise ValueError(f"unknown torchvision classification model '{name}'"
+                             f"{did_you_mean(name, [n for n in names if not n.startswith('quantized')])} "
+                             "(see: visionpipe plugins --json)")
+        return name
 
 
 class ClassificationTrainConfig(TrainConfig):

@@ -14,7 +14,7 @@ from visionpipe.errors import DataError
 def evaluate_coco_files(predictions: Path, gt: Path) -> dict[str, float]:
     """COCO box metrics of a results file (a JSON list of detections) against a COCO annotation file."""
     from visionpipe_plugins.detection.formats import coco_index, load_coco_json
-    from visionpipe_plugins.detection.metrics import coco_evaluate, coco_results_are_valid
+    from visionpipe_plugins.detection.metrics import check_coco_results, coco_evaluate
 
     gt_coco = coco_index(load_coco_json(gt))
     if not predictions.is_file():
@@ -23,14 +23,13 @@ def evaluate_coco_files(predictions: Path, gt: Path) -> dict[str, float]:
         results = json.loads(predictions.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{predictions}:{e.lineno}: malformed JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{predictions}: not UTF-8 text ({e.reason})") from None
     if isinstance(results, dict) and isinstance(results.get("annotations"), list):
         results = results["annotations"]
     if not isinstance(results, list):
         raise DataError(f"{predictions}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
-    try:
-        coco_results_are_valid(gt_coco, results)
-    except ValueError as e:
-        raise DataError(f"{predictions}: {e} ({gt})") from None
+    check_coco_results(gt_coco, results, str(predictions), f"the ground truth {gt}")
     metrics, _ = coco_evaluate(gt_coco, results)
     return metrics
 

@@ -88,7 +88,7 @@ def _number(v: Any, where: str) -> float:
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:
-    """The parsed and shape-checked content of a COCO annotation file."""
+    """A COCO annotation file, parsed, checked by :func:`check_coco` and with COCO's defaults filled."""
     if not path.is_file():
         raise DataError(f"{path}: COCO annotation file not found")
     try:
@@ -97,19 +97,135 @@ def load_coco_json(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    return check_coco(data, path)
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at(path: Path | str, key: str, i: int, entry: Any) -> str:
+    """``file: key[i] (id X)``, the prefix of every message about one entry."""
+    ident = entry.get("id") if isinstance(entry, dict) else None
+    return f"{path}: {key}[{i}]" + (f" (id {ident!r})" if _is_id(ident) else "")
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _id_list(ids: set[Any]) -> str:
+    shown = sorted(ids, key=lambda k: (str(type(k)), k))
+    return ", ".join(map(repr, shown[:12])) + (", ..." if len(shown) > 12 else "")
+
+
+def _check_entries(path: Path | str, key: str, entries: list[Any], required: tuple[str, ...]) -> set[Any]:
+    """Each entry an object with ``required`` keys and a unique id, all ids of one type; returns the ids."""
+    ids: dict[Any, int] = {}
+    first_type: type | None = None
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise DataError(f"{path}: {key}[{i}]: must be an object {{...}} (got {_short(e)})")
+        at = _at(path, key, i, e)
+        for f in required:
+            if f not in e:
+                raise DataError(f"{at}: {f}: missing")
+        v = e["id"]
+        if not _is_id(v):
+            raise DataError(f"{at}: id: must be an integer or a string (got {_short(v)})")
+        first_type = first_type or type(v)
+        if type(v) is not first_type:
+            kind = {int: "an integer", str: "a string"}
+            raise DataError(f"{at}: id: {v!r} is {kind[type(v)]} but {key}[0]'s id is {kind[first_type]}; "
+                            f"use one type for all {key[:-1].replace('categorie', 'category')} ids")
+        if v in ids:
+            raise DataError(f"{at}: id: duplicate (also {key}[{ids[v]}])")
+        ids[v] = i
+    return set(ids)
+
+
+def _ref(at: str, a: dict[str, Any], field_: str, known: set[Any], what: str) -> None:
+    """Check that ``a[field_]`` is present, an id, and one of ``known``."""
+    if field_ not in a:
+        raise DataError(f"{at}: {field_}: missing")
+    v = a[field_]
+    if not _is_id(v):
+        raise DataError(f"{at}: {field_}: must be an integer or a string (got {_short(v)})")
+    if v not in known:
+        hint = " (a string here, a number there)" if isinstance(v, str) and v.lstrip("-").isdigit() and \
+            int(v) in known else ""
+        raise DataError(f"{at}: {field_}: {v!r} is not among the {what} ids ({_id_list(known)}){hint}")
+
+
+def check_coco(data: Any, path: Path | str) -> dict[str, Any]:
+    """``data`` checked as a COCO detection document; ``area``, ``iscrowd`` and annotation ids are filled in place.
+
+    Missing ``area`` becomes the bbox's width x height and missing ``iscrowd`` 0. Annotation ids are
+    numbered 1..N when none has one, or when some are strings or 0 (pycocotools' matcher needs positive
+    numeric ids; a match to id 0 counts as a false positive). A problem raises one DataError naming
+    ``path``, the list, the entry's index and id, and the field.
+    """
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: not a COCO detection file (no 'images' list at the top level)")
     if not isinstance(data.get("categories"), list) or not data["categories"]:
         raise DataError(f"{path}: no 'categories' list")
-    if not isinstance(data.get("annotations", []), list):
+    anns = data.setdefault("annotations", [])
+    if not isinstance(anns, list):
         raise DataError(f"{path}: 'annotations' must be a list")
-    for i, c in enumerate(data["categories"]):
-        if not isinstance(c, dict) or "id" not in c or "name" not in c:
-            raise DataError(f"{path}: categories[{i}] needs 'id' and 'name' (got {c!r})")
+    cat_ids = _check_entries(path, "categories", data["categories"], ("id", "name"))
+    img_ids = _check_entries(path, "images", data["images"], ("id", "file_name"))
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise DataError(f"{path}: images[{i}] needs 'id' and 'file_name' (got {str(im)[:120]})")
-    data.setdefault("annotations", [])
+        for f in ("width", "height"):
+            v = im.get(f)
+            if v is None:
+                continue
+            if not _is_number(v) or v < 0 or v != int(v):
+                raise DataError(f"{_at(path, 'images', i, im)}: {f}: must be a whole number of pixels >= 0 "
+                                f"(got {_short(v)})")
+            im[f] = int(v)
+    ann_ids: dict[Any, int] = {}
+    without_id: int | None = None
+    for i, a in enumerate(anns):
+        if not isinstance(a, dict):
+            raise DataError(f"{path}: annotations[{i}]: must be an object {{...}} (got {_short(a)})")
+        at = _at(path, "annotations", i, a)
+        if "id" in a:
+            if not _is_id(a["id"]):
+                raise DataError(f"{at}: id: must be an integer or a string (got {_short(a['id'])})")
+            if a["id"] in ann_ids:
+                raise DataError(f"{at}: id: duplicate (also annotations[{ann_ids[a['id']]}])")
+            ann_ids[a["id"]] = i
+        elif without_id is None:
+            without_id = i
+        if "image_id" in a and _is_id(a["image_id"]) and a["image_id"] not in img_ids:
+            orphans = sum(1 for b in anns if isinstance(b, dict) and not (_is_id(b.get("image_id"))
+                                                                          and b["image_id"] in img_ids))
+            raise DataError(f"{at}: image_id: {a['image_id']!r} is not in 'images' ({orphans} annotation(s) "
+                            "refer to no image)")
+        _ref(at, a, "image_id", img_ids, "images'")
+        _ref(at, a, "category_id", cat_ids, "categories'")
+        bbox = a.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise DataError(f"{at}: bbox: must be [x, y, width, height] (got {_short(bbox)})")
+        if not all(_is_number(v) for v in bbox):
+            raise DataError(f"{at}: bbox: expected 4 finite numbers (got {_short(bbox)})")
+        if "area" in a and not (_is_number(a["area"]) and a["area"] >= 0):
+            raise DataError(f"{at}: area: must be a number >= 0 (got {_short(a['area'])})")
+        if a.get("iscrowd", 0) not in (0, 1):
+            raise DataError(f"{at}: iscrowd: must be 0 or 1 (got {_short(a['iscrowd'])})")
+        a.setdefault("area", max(bbox[2], 0) * max(bbox[3], 0))
+        a.setdefault("iscrowd", 0)
+    if ann_ids and without_id is not None:
+        raise DataError(f"{path}: annotations[{without_id}]: id: missing (other annotations have one; give every "
+                        "annotation an id, or none)")
+    if len(ann_ids) < len(anns) or any(isinstance(k, str) or k == 0 for k in ann_ids):
+        for n, a in enumerate(anns, 1):
+            a["id"] = n
     return data
 
 
@@ -127,35 +243,18 @@ def coco_index(data: dict[str, Any]) -> Any:
 def read_coco(json_path: Path, image_root: Path) -> RawSplit:
     """Images and boxes of a COCO file; ``file_name`` must stay inside ``image_root``."""
     data = load_coco_json(json_path)
-    ids = [im["id"] for im in data["images"]]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{json_path}: duplicate image ids")
     coco = coco_index(data)
     cats = [(c["id"], str(c["name"])) for c in sorted(data["categories"], key=lambda c: c["id"])]
-    known = {c for c, _ in cats}
     images: list[RawImage] = []
     for im in data["images"]:
-        where = f"{json_path}: image id {im['id']}"
-        path = resolve_under(image_root, str(im["file_name"]), what=f"{where} file_name")
-        w, h = im.get("width"), im.get("height")
-        rec = RawImage(str(path), im["id"], int(w) if w else 0, int(h) if h else 0, str(im["file_name"]),
+        path = resolve_under(image_root, str(im["file_name"]), what=f"{json_path}: image id {im['id']} file_name")
+        rec = RawImage(str(path), im["id"], im.get("width") or 0, im.get("height") or 0, str(im["file_name"]),
                        str(json_path))
         for a in coco.imgToAnns.get(im["id"], []):
-            aw = f"{json_path}: annotation id {a.get('id')}"
-            if a.get("category_id") not in known:
-                raise DataError(f"{aw}: unknown category_id {a.get('category_id')!r}")
-            bbox = a.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise DataError(f"{aw}: bbox must be [x, y, width, height] (got {bbox!r})")
-            x, y, bw, bh = (_number(v, f"{aw} bbox") for v in bbox)
-            area = a.get("area")
-            rec.objects.append(RawObject(a["category_id"], (x, y, x + bw, y + bh), bool(a.get("iscrowd", 0)),
-                                         float(area) if isinstance(area, (int, float)) else None))
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            rec.objects.append(RawObject(a["category_id"], (x, y, x + bw, y + bh), bool(a["iscrowd"]),
+                                         float(a["area"])))
         images.append(rec)
-    orphans = [a.get("id") for a in data["annotations"] if a.get("image_id") not in coco.imgs]
-    if orphans:
-        raise DataError(f"{json_path}: annotation id {orphans[0]} refers to an image_id that is not in 'images' "
-                        f"({len(orphans)} such annotation(s))")
     return RawSplit(images, cats, [json_path])
 
 

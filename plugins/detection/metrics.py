@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,13 +87,35 @@ def coco_evaluate(gt: Any, results: list[dict], class_names: dict[Any, str] | No
     return metrics, {"pr": pr, "summary": buf.getvalue()}
 
 
-def coco_results_are_valid(gt: Any, results: list[dict]) -> None:
-    """Raise ValueError naming the first results entry whose image or category the ground truth lacks."""
+def check_coco_results(gt: Any, results: list[Any], source: str, gt_source: str = "the ground truth") -> None:
+    """Raise a DataError naming ``source``, the entry and the field of the first malformed results entry.
+
+    Each entry needs ``bbox`` as 4 finite numbers with width and height >= 0, a finite number ``score``,
+    and an ``image_id`` and ``category_id`` that the ground truth ``gt`` (a pycocotools COCO, read from
+    ``gt_source``) has.
+    """
+    from visionpipe.errors import DataError
+
     imgs, cats = set(gt.getImgIds()), set(gt.getCatIds())
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     for i, r in enumerate(results):
-        if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
-            raise ValueError(f"entry {i}: needs image_id, category_id, bbox and score (got {str(r)[:100]})")
-        if r["image_id"] not in imgs:
-            raise ValueError(f"entry {i}: image_id {r['image_id']!r} is not in the ground truth")
-        if r["category_id"] not in cats:
-            raise ValueError(f"entry {i}: category_id {r['category_id']!r} is not in the ground truth")
+        at = f"{source}: entry {i}"
+        if not isinstance(r, dict):
+            raise DataError(f"{at}: must be an object {{image_id, category_id, bbox, score}} (got {str(r)[:80]})")
+        for key in ("image_id", "category_id", "bbox", "score"):
+            if key not in r:
+                raise DataError(f"{at}: {key}: missing")
+        for key, known in (("image_id", imgs), ("category_id", cats)):
+            v = r[key]
+            if not isinstance(v, (int, str)) or isinstance(v, bool) or v not in known:
+                raise DataError(f"{at}: {key} {v!r:.40} is not in {gt_source}")
+        b = r["bbox"]
+        if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(number(v) for v in b):
+            raise DataError(f"{at}: bbox: must be 4 finite numbers [x, y, width, height] (got {b!r:.80})")
+        if b[2] < 0 or b[3] < 0:
+            raise DataError(f"{at}: bbox: width and height must be >= 0 (got {b})")
+        if not number(r["score"]):
+            raise DataError(f"{at}: score: must be a finite number (got {r['score']!r:.40})")

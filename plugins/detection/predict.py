@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from visionpipe.errors import DataError
 from visionpipe.io import write_json
 from visionpipe.task import Predictor
 from visionpipe_plugins.detection.export import split_detections
@@ -28,7 +28,8 @@ class DetectionPredictor(Predictor):
 
     Options: ``score_threshold`` (records keep detections at or above it; default the model's
     ``box_score_thresh``), ``draw_threshold`` (boxes drawn by ``--save-images``), ``gt`` (a COCO
-    annotation file whose image ids the COCO results file should use).
+    annotation file whose image ids the COCO results file should use, and which scores them; it is read and
+    checked here, so a bad file fails before any image is predicted).
     """
 
     batchable = False
@@ -42,6 +43,11 @@ class DetectionPredictor(Predictor):
         dthr = options.get("draw_threshold")
         self.draw_thr = float(dthr if dthr is not None else metadata.get("draw_threshold", 0.5))
         self.batchable = "num_detections" in metadata.get("outputs", [])
+        self.gt: str | None = str(options["gt"]) if options.get("gt") else None
+        if self.gt:
+            # Checked now so that a bad file fails before any image is predicted; only the path is kept, since
+            # the predictor is pickled to decoder processes. write_extra reads it again.
+            load_coco_json(Path(self.gt))
 
     def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
         x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
@@ -82,7 +88,7 @@ class DetectionPredictor(Predictor):
         """coco_results.json (for pycocotools ``loadRes``), coco_images.json (the image ids used) and, when a
         ground truth is known, coco_metrics.json."""
         recs = list(records)
-        gt_path, ids = self._image_ids([r["path"] for r in recs])
+        gt_path, gt_data, ids = self._image_ids([r["path"] for r in recs])
         results, images, unmatched = [], [], 0
         for i, r in enumerate(recs):
             image_id = ids.get(r["path"]) if gt_path else i + 1
@@ -104,11 +110,11 @@ class DetectionPredictor(Predictor):
             written.append(self._preview(recs[:16], out_dir / "preview.png"))
         if unmatched:
             log.warning("%d image(s) are not in %s and are left out of coco_results.json", unmatched, gt_path)
-        if gt_path and images:
+        if gt_path and gt_data and images:
             from visionpipe_plugins.detection.formats import coco_index
             from visionpipe_plugins.detection.metrics import coco_evaluate
 
-            gt = coco_index(load_coco_json(Path(gt_path)))
+            gt = coco_index(gt_data)
             metrics, _ = coco_evaluate(gt, results, image_ids=[im["id"] for im in images])
             write_json(out_dir / "coco_metrics.json", {"ground_truth": str(gt_path), "images": len(images),
                                                        **metrics})
@@ -132,11 +138,11 @@ class DetectionPredictor(Predictor):
         save_image_grid(drawn, path, cols=4, titles=titles)
         return path
 
-    def _image_ids(self, paths: list[str]) -> tuple[str | None, dict[str, Any]]:
-        """(ground-truth file, path → image id): from the ``gt`` option, else the best-covering known split."""
-        given = self.options.get("gt")
-        if given:
-            data = load_coco_json(Path(given))
+    def _image_ids(self, paths: list[str]) -> tuple[str | None, dict[str, Any] | None, dict[str, Any]]:
+        """(ground-truth file, its checked content, path → image id): from the ``gt`` option, else the
+        best-covering split the model was trained with (a file that is gone or no longer loads is skipped)."""
+        if self.gt:
+            given, data = self.gt, load_coco_json(Path(self.gt))
             by_suffix = {tuple(Path(str(im["file_name"])).parts): im["id"] for im in data["images"]}
             ids = {}
             for p in paths:
@@ -145,23 +151,24 @@ class DetectionPredictor(Predictor):
                     if parts[-k:] in by_suffix:
                         ids[p] = by_suffix[parts[-k:]]
                         break
-            return str(given), ids
-        best: tuple[str | None, dict[str, Any]] = (None, {})
+            return given, data, ids
+        best: tuple[str | None, dict[str, Any] | None, dict[str, Any]] = (None, None, {})
         wanted = {str(Path(p).resolve()): p for p in paths}
         for entry in self.metadata.get("ground_truth", []):
             ann = Path(entry["annotations"])
             if not ann.is_file():
                 continue
             try:
-                data = json.loads(ann.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                data = load_coco_json(ann)
+            except DataError as e:
+                log.warning("not scoring against the training ground truth: %s", e)
                 continue
             root = Path(entry["images"])
             ids = {}
-            for im in data.get("images", []):
+            for im in data["images"]:
                 full = str((root / str(im["file_name"])).resolve())
                 if full in wanted:
                     ids[wanted[full]] = im["id"]
-            if len(ids) > len(best[1]):
-                best = (str(ann), ids)
+            if len(ids) > len(best[2]):
+                best = (str(ann), data, ids)
         return best

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from visionpipe.augment import AugmentConfig
 from visionpipe.config import Block, PipelineConfig, TrainConfig
@@ -37,7 +37,8 @@ class LoadConfig(Block):
     test: str | None = Field(None, description="optional test split")
     image_dir: str = Field("images", description="images folder: inside the split folder, or under root for a .txt "
                                                  "list or COCO ('{split}' is replaced by the split name)")
-    mask_dir: str = Field("masks", description="masks folder, like image_dir (format masks)")
+    mask_dir: str = Field("masks", description="masks folder, like image_dir (format masks; '{split}' is replaced "
+                                                "too)")
     mask_suffix: str = Field(".png", description="mask file = <image stem><mask_suffix>")
     ignore_index: int = Field(255, ge=0, le=255, description="mask value left out of loss and metrics")
     classes: list[str] | None = Field(None, description="class names in index order (0 = first)")
@@ -46,6 +47,18 @@ class LoadConfig(Block):
     check_images: bool = Field(True, description="decode every image and check its mask size before training; "
                                                  "unreadable images are skipped, bad masks are errors")
     generate: GenerateConfig | None = Field(None, description="create the built-in dataset at root if missing")
+
+    @field_validator("image_dir", "mask_dir")
+    @classmethod
+    def _only_split_placeholder(cls, v: str) -> str:
+        rest = v.replace("{split}", "")
+        if "{" in rest or "}" in rest:
+            raise ValueError("only {split} may appear in braces")
+        return v
+
+    def split_dirs(self, split: str) -> tuple[str, str]:
+        """(image_dir, mask_dir) of ``split``: ``{split}`` replaced by its name."""
+        return self.image_dir.replace("{split}", split), self.mask_dir.replace("{split}", split)
 
     @model_validator(mode="after")
     def _one_class_source(self) -> LoadConfig:

@@ -100,11 +100,12 @@ def _find_image(folder: Path, stem: str) -> Path | None:
 
 def scan_mask_folder(split_dir: Path, cfg: LoadConfig, split: str) -> list[Sample]:
     """Pairs of split_dir/<image_dir>/X.* and split_dir/<mask_dir>/X<mask_suffix>; a missing mask is an error."""
-    image_dir = resolve_under(split_dir, cfg.image_dir.format(split=split), what=f"load.image_dir ({split})")
-    mask_dir = resolve_under(split_dir, cfg.mask_dir.format(split=split), what=f"load.mask_dir ({split})")
+    image_name, mask_name = cfg.split_dirs(split)
+    image_dir = resolve_under(split_dir, image_name, what=f"load.image_dir ({split})")
+    mask_dir = resolve_under(split_dir, mask_name, what=f"load.mask_dir ({split})")
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: images folder of split '{split}' not found "
-                        f"(expected {split_dir}/{cfg.image_dir} and {split_dir}/{cfg.mask_dir})")
+                        f"(expected {split_dir}/{image_name} and {split_dir}/{mask_name})")
     samples = []
     for img in iter_image_files(image_dir):
         rel = img.relative_to(image_dir)
@@ -121,8 +122,9 @@ def scan_mask_list(list_file: Path, root: Path, cfg: LoadConfig, split: str) -> 
     """Pairs named by a list of stems (Pascal VOC ImageSets style); images and masks under root."""
     if not list_file.is_file():
         raise DataError(f"{list_file}: list file of split '{split}' not found")
-    image_dir = resolve_under(root, cfg.image_dir.format(split=split), what="load.image_dir")
-    mask_dir = resolve_under(root, cfg.mask_dir.format(split=split), what="load.mask_dir")
+    image_name, mask_name = cfg.split_dirs(split)
+    image_dir = resolve_under(root, image_name, what="load.image_dir")
+    mask_dir = resolve_under(root, mask_name, what="load.mask_dir")
     samples = []
     for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
         stem = line.strip().split()[0] if line.strip() else ""
@@ -251,7 +253,7 @@ def load_splits(cfg: LoadConfig) -> tuple[dict[str, list[Sample]], dict[str, Any
             continue
         target = resolve_under(root, name, what=f"load.{split}")
         if cfg.format == "coco":
-            image_root = resolve_under(root, cfg.image_dir.format(split=split), what="load.image_dir")
+            image_root = resolve_under(root, cfg.split_dirs(split)[0], what="load.image_dir")
             images, split_cats = read_coco(target, image_root)
             if cats is not None and [c["name"] for c in split_cats] != [c["name"] for c in cats]:
                 raise DataError(f"{target}: categories differ from the other splits' ({[c['name'] for c in cats]})")

@@ -182,3 +182,9 @@ def test_unknown_predict_option_is_a_config_error_at_load(tmp_path):
         load_config(p)
     assert str(e.value).startswith(f"{p}:12: predict.options.top_kk: unknown predict option 'top_kk'")
     assert "did you mean 'top_k'" in str(e.value)
+
+
+def test_an_unknown_classification_model_is_caught_at_load(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + "model:\n  name: resnet999\n"))
+    assert "p.yaml:11: model.name: unknown torchvision classification model 'resnet999'" in str(e.value)

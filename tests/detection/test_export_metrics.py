@@ -4,6 +4,7 @@ results through pycocotools."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -16,11 +17,12 @@ from typer.testing import CliRunner
 
 from tests.detection.conftest import tiny_shapes
 from visionpipe.cli import app
+from visionpipe.errors import DataError
 from visionpipe.export.onnx import export_onnx, read_metadata
 from visionpipe.infer.backends import Backend, TorchBackend, open_backend
 from visionpipe.task import DataBundle
 from visionpipe_plugins.detection import cli as det_cli
-from visionpipe_plugins.detection.config import DetectionConfig
+from visionpipe_plugins.detection.config import DetectionConfig, LoadConfig
 from visionpipe_plugins.detection.data import DetectionDataset, load_splits
 from visionpipe_plugins.detection.export import ExportedDetector, make_compare, split_detections
 from visionpipe_plugins.detection.formats import coco_index, load_coco_json
@@ -261,3 +263,113 @@ def test_evaluate_returns_coco_keys_and_writes_final_files(shapes_root: Path, tm
     assert (tmp_path / "eval" / "ground_truth.json").is_file() and (tmp_path / "eval" / "detections.json").is_file()
     metrics = det_cli.evaluate_coco_files(tmp_path / "eval" / "detections.json", tmp_path / "eval" / "ground_truth.json")
     assert metrics["AP50"] == pytest.approx(res["AP50"])
+
+
+def _gt_variant(gt_file: Path, out: Path, *drop: str) -> Path:
+    """``gt_file`` with the annotation fields ``drop`` removed from every annotation."""
+    doc = json.loads(gt_file.read_text())
+    for a in doc["annotations"]:
+        for k in drop:
+            a.pop(k)
+    out.write_text(json.dumps(doc))
+    return out
+
+
+@pytest.mark.parametrize("drop", [("area",), ("iscrowd",), ("id",), ("area", "iscrowd", "id")])
+def test_evaluate_coco_fills_ground_truth_defaults_as_training_does(shapes_root: Path, tmp_path: Path,
+                                                                   drop: tuple[str, ...]) -> None:
+    gt_file = shapes_root / "annotations" / "val.json"
+    res_file = tmp_path / "results.json"
+    res_file.write_text(json.dumps(_perfect_results(gt_file)))
+    plain = _gt_variant(gt_file, tmp_path / "plain.json", *drop)
+    assert det_cli.evaluate_coco_files(res_file, plain)["AP50"] == pytest.approx(1.0)
+    records, *_ = load_splits(LoadConfig(root=str(tmp_path), val={"annotations": "plain.json", "images": "shapes/images"}))
+    assert len(records["val"]) == 3  # training reads the same file
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bbox": [1, 2, 3]}, r"bbox: must be 4 finite numbers \[x, y, width, height\] \(got \[1, 2, 3\]\)"),
+    ({"bbox": "abc"}, r"bbox: must be 4 finite numbers \[x, y, width, height\] \(got 'abc'\)"),
+    ({"bbox": [1, 2, float("nan"), 4]}, r"bbox: must be 4 finite numbers"),
+    ({"bbox": [1, 2, -3, 4]}, r"bbox: width and height must be >= 0"),
+    ({"score": "high"}, r"score: must be a finite number \(got 'high'\)"),
+    ({"score": float("inf")}, r"score: must be a finite number"),
+    ({"score": None}, r"score: must be a finite number \(got None\)"),
+    ({"image_id": 999}, r"image_id 999 is not in the ground truth .*val\.json"),
+    ({"image_id": [1]}, r"image_id \[1\] is not in the ground truth"),
+    ({"category_id": "1"}, r"category_id '1' is not in the ground truth"),
+    ({"score": ...}, r"score: missing"),
+])
+def test_evaluate_coco_bad_results_name_file_entry_and_field(shapes_root: Path, tmp_path: Path, change: dict,
+                                                             message: str) -> None:
+    gt_file = shapes_root / "annotations" / "val.json"
+    results = _perfect_results(gt_file)
+    results[1] = {k: v for k, v in {**results[1], **change}.items() if v is not ...}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(results))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}: entry 1: {message}"):
+        det_cli.evaluate_coco_files(bad, gt_file)
+
+
+def test_evaluate_coco_command_reports_a_bad_ground_truth_in_one_line(shapes_root: Path, tmp_path: Path) -> None:
+    gt_file = shapes_root / "annotations" / "val.json"
+    res_file = tmp_path / "results.json"
+    res_file.write_text(json.dumps(_perfect_results(gt_file)))
+    doc = json.loads(gt_file.read_text())
+    doc["annotations"][0].pop("category_id")
+    (tmp_path / "gt.json").write_text(json.dumps(doc))
+    det_cli.register(app)
+    result = CliRunner().invoke(app, ["evaluate-coco", str(res_file), "--gt", str(tmp_path / "gt.json")])
+    assert result.exit_code == 1 and isinstance(result.exception, DataError)
+    assert str(result.exception) == f"{tmp_path / 'gt.json'}: annotations[0] (id {doc['annotations'][0]['id']}): " \
+                                    "category_id: missing"
+
+
+def _perfect_records(gt_file: Path, image_dir: Path) -> list[dict]:
+    """Prediction records (as predictions.jsonl holds them) that find every ground-truth box."""
+    doc = json.loads(gt_file.read_text())
+    recs = {im["id"]: {"path": str(image_dir / im["file_name"]), "width": im["width"], "height": im["height"],
+                       "boxes": [], "labels": [], "category_ids": [], "scores": []} for im in doc["images"]}
+    for a in doc["annotations"]:
+        x, y, w, h = a["bbox"]
+        r = recs[a["image_id"]]
+        r["boxes"].append([x, y, x + w, y + h])
+        r["labels"].append("x")
+        r["category_ids"].append(a["category_id"])
+        r["scores"].append(0.9)
+    return list(recs.values())
+
+
+def test_predict_scores_against_a_given_ground_truth_without_area_or_ids(shapes_root: Path, tmp_path: Path) -> None:
+    gt_file = shapes_root / "annotations" / "test.json"
+    plain = _gt_variant(gt_file, tmp_path / "plain.json", "area", "iscrowd", "id")
+    meta = {"class_names": ["circle", "square", "triangle", "cross"], "category_ids": [1, 2, 3, 4]}
+    pred = DetectionPredictor(meta, {"gt": str(plain)})
+    files = pred.write_extra(tmp_path / "out", iter(_perfect_records(gt_file, shapes_root / "images")))
+    assert files[-1].name == "coco_metrics.json"
+    assert json.loads(files[-1].read_text())["AP50"] == pytest.approx(1.0)
+
+
+def test_predict_skips_a_training_ground_truth_that_no_longer_loads(shapes_root: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    gt_file = shapes_root / "annotations" / "test.json"
+    (tmp_path / "broken.json").write_text(json.dumps({"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}]}))
+    meta = {"class_names": ["circle", "square", "triangle", "cross"], "category_ids": [1, 2, 3, 4],
+            "ground_truth": [{"annotations": str(tmp_path / "broken.json"), "images": str(shapes_root / "images")}]}
+    files = DetectionPredictor(meta, {}).write_extra(tmp_path / "out",
+                                                     iter(_perfect_records(gt_file, shapes_root / "images")))
+    assert [f.name for f in files] == ["coco_results.json", "coco_images.json"]
+    assert "broken.json: images[0] (id 1): file_name: missing" in caplog.text
+
+
+def test_predict_with_a_bad_ground_truth_fails_before_predicting(exported, tmp_path: Path) -> None:
+    path, *_, shapes_root = exported
+    doc = json.loads((shapes_root / "annotations" / "test.json").read_text())
+    doc["annotations"][0]["bbox"] = "abc"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["predict", str(path), str(shapes_root / "images" / "test"), "-o",
+                                      f"gt={tmp_path / 'bad.json'}", "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, DataError), result.output
+    assert str(result.exception).startswith(f"{tmp_path / 'bad.json'}: annotations[0] "
+                                            f"(id {doc['annotations'][0]['id']}): bbox: must be")
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import REPO, run_cli
 from tests.detection.conftest import write_png
 from visionpipe.errors import DataError, UnsafePathError
 from visionpipe_plugins.detection.config import DetectionAugmentConfig, LoadConfig
 from visionpipe_plugins.detection.data import DetectionDataset, build_train_transform, collate, load_splits
+from visionpipe_plugins.detection.formats import coco_index, load_coco_json
+from visionpipe_plugins.detection.metrics import coco_evaluate
 
 
 def load(**kw):
@@ -91,21 +95,124 @@ def test_coco_malformed_json_names_file_and_line(coco_root: Path) -> None:
         load(format="coco", root=str(coco_root), train="broken.json")
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["annotations"][0].update(category_id=99), r"annotation id 1: unknown category_id 99"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotation id 1: bbox must be"),
-    (lambda d: d["annotations"][0].update(bbox=[1, "x", 3, 4]), r"annotation id 1 bbox: expected a number"),
-    (lambda d: d["annotations"][0].update(image_id=999), r"annotation id 1 refers to an image_id"),
+def _set(d: dict, key: str, i: int, **kw) -> None:
+    d[key][i].update(kw)
+
+
+def _pop(d: dict, key: str, i: int, field: str) -> None:
+    d[key][i].pop(field)
+
+
+def _mixed_category_ids(d: dict) -> None:
+    d["categories"][1]["id"] = "7"
+    for a in d["annotations"]:
+        if a["category_id"] == 7:
+            a["category_id"] = "7"
+
+
+# (change to the coco_root file, what the error must say after "<file>: ")
+BAD_COCO = [
+    (lambda d: _set(d, "annotations", 0, category_id=99),
+     r"annotations\[0\] \(id 1\): category_id: 99 is not among the categories' ids \(3, 7\)"),
+    (lambda d: _set(d, "annotations", 0, category_id="3"),
+     r"annotations\[0\] \(id 1\): category_id: '3' is not among .* \(a string here, a number there\)"),
+    (lambda d: _set(d, "annotations", 0, category_id=[3]),
+     r"annotations\[0\] \(id 1\): category_id: must be an integer or a string \(got \[3\]\)"),
+    (lambda d: _pop(d, "annotations", 0, "category_id"), r"annotations\[0\] \(id 1\): category_id: missing"),
+    (lambda d: _pop(d, "annotations", 1, "image_id"), r"annotations\[1\] \(id 2\): image_id: missing"),
+    (lambda d: _set(d, "annotations", 0, image_id=999),
+     r"annotations\[0\] \(id 1\): image_id: 999 is not in 'images' \(1 annotation\(s\) refer to no image\)"),
+    (lambda d: _set(d, "annotations", 0, bbox=[1, 2, 3]),
+     r"annotations\[0\] \(id 1\): bbox: must be \[x, y, width, height\] \(got \[1, 2, 3\]\)"),
+    (lambda d: _set(d, "annotations", 0, bbox=[1, "x", 3, 4]), r"annotations\[0\] \(id 1\): bbox: expected 4 finite"),
+    (lambda d: _set(d, "annotations", 0, bbox=[1, float("nan"), 3, 4]), r"annotations\[0\] \(id 1\): bbox: expected 4 finite numbers"),
+    (lambda d: _set(d, "annotations", 0, bbox="abc"), r"annotations\[0\] \(id 1\): bbox: must be \[x, y, width, height\]"),
+    (lambda d: _set(d, "annotations", 0, area="big"), r"annotations\[0\] \(id 1\): area: must be a number >= 0 \(got 'big'\)"),
+    (lambda d: _set(d, "annotations", 0, iscrowd=2), r"annotations\[0\] \(id 1\): iscrowd: must be 0 or 1 \(got 2\)"),
+    (lambda d: d["annotations"].append(5), r"annotations\[4\]: must be an object \{\.\.\.\} \(got 5\)"),
+    (lambda d: _pop(d, "annotations", 2, "id"),
+     r"annotations\[2\]: id: missing \(other annotations have one; give every annotation an id, or none\)"),
+    (lambda d: _set(d, "annotations", 1, id=1), r"annotations\[1\] \(id 1\): id: duplicate \(also annotations\[0\]\)"),
+    (lambda d: _set(d, "annotations", 0, id=[1]), r"annotations\[0\]: id: must be an integer or a string"),
+    (lambda d: d.update(annotations={}), r"'annotations' must be a list"),
+    (lambda d: _set(d, "images", 0, width="abc"),
+     r"images\[0\] \(id 10\): width: must be a whole number of pixels >= 0 \(got 'abc'\)"),
+    (lambda d: _set(d, "images", 1, height=-3), r"images\[1\] \(id 11\): height: must be a whole number"),
+    (lambda d: _set(d, "images", 0, id=[10]), r"images\[0\]: id: must be an integer or a string \(got \[10\]\)"),
+    (lambda d: _set(d, "images", 1, id=10), r"images\[1\] \(id 10\): id: duplicate \(also images\[0\]\)"),
+    (lambda d: _set(d, "images", 1, id="11"),
+     r"images\[1\] \(id '11'\): id: '11' is a string but images\[0\]'s id is an integer; use one type"),
+    (lambda d: _pop(d, "images", 0, "file_name"), r"images\[0\] \(id 10\): file_name: missing"),
+    (lambda d: d["images"].append("x.png"), r"images\[3\]: must be an object"),
     (lambda d: d.pop("categories"), r"no 'categories'"),
-    (lambda d: d["images"][0].pop("file_name"), r"images\[0\] needs 'id' and 'file_name'"),
-])
-def test_coco_bad_annotations_are_clear_errors_naming_the_file(coco_root: Path, mutate, message: str) -> None:
+    (_mixed_category_ids,
+     r"categories\[1\] \(id '7'\): id: '7' is a string but categories\[0\]'s id is an integer; use one type "
+     r"for all category ids"),
+    (lambda d: _set(d, "categories", 1, id=3), r"categories\[1\] \(id 3\): id: duplicate \(also categories\[0\]\)"),
+    (lambda d: _pop(d, "categories", 0, "name"), r"categories\[0\] \(id 3\): name: missing"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", BAD_COCO)
+def test_coco_bad_annotations_are_one_line_errors_naming_file_entry_and_field(coco_root: Path, mutate,
+                                                                              message: str) -> None:
     doc = json.loads((coco_root / "train.json").read_text())
     mutate(doc)
     (coco_root / "bad.json").write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=message) as e:
+    with pytest.raises(DataError) as e:
         load(format="coco", root=str(coco_root), train={"annotations": "bad.json", "images": "imgs"})
-    assert "bad.json" in str(e.value)
+    assert re.match(rf"{re.escape(str(coco_root / 'bad.json'))}: {message}", str(e.value)), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_coco_without_ids_area_or_iscrowd_loads_with_coco_defaults(coco_root: Path) -> None:
+    doc = json.loads((coco_root / "train.json").read_text())
+    for a in doc["annotations"]:
+        del a["id"], a["area"], a["iscrowd"]
+    doc["annotations"][0]["bbox"] = [5, 5, 60, 10]  # leaves the 50 px image: the area is still the bbox's
+    doc["images"][0]["width"] = 0  # 0 = unknown: read from the file
+    (coco_root / "plain.json").write_text(json.dumps(doc))
+    data = load_coco_json(coco_root / "plain.json")
+    assert [a["id"] for a in data["annotations"]] == [1, 2, 3, 4]
+    assert [a["area"] for a in data["annotations"]] == [600, 400, 0, 900]
+    assert [a["iscrowd"] for a in data["annotations"]] == [0, 0, 0, 0]
+    records, *_ = load(format="coco", root=str(coco_root), train={"annotations": "plain.json", "images": "imgs"})
+    by_id = {r.image_id: r for r in records["train"]}
+    assert by_id[10].areas.tolist() == [600, 400] and by_id[12].crowd.tolist() == [False]
+    assert (by_id[10].width, by_id[10].height) == (50, 40)
+
+
+def test_coco_string_ids_load_and_annotation_ids_pycocotools_cannot_match_are_renumbered(coco_root: Path) -> None:
+    doc = json.loads((coco_root / "train.json").read_text())
+    for c in doc["categories"]:
+        c["id"] = f"c{c['id']}"
+    for im in doc["images"]:
+        im["id"] = f"img{im['id']}"
+    for k, a in enumerate(doc["annotations"]):
+        a.update(id=k, category_id=f"c{a['category_id']}", image_id=f"img{a['image_id']}")  # ids from 0
+    (coco_root / "str.json").write_text(json.dumps(doc))
+    records, cats, *_ = load(format="coco", root=str(coco_root), train={"annotations": "str.json", "images": "imgs"})
+    assert cats.ids == ["c3", "c7"] and {r.image_id for r in records["train"]} == {"img10", "img11", "img12"}
+    data = load_coco_json(coco_root / "str.json")
+    assert [a["id"] for a in data["annotations"]] == [1, 2, 3, 4]
+    # a ground truth with annotation id 0 scores a perfect detection as perfect
+    gt = coco_index(data)
+    perfect = [{"image_id": "img10", "category_id": "c3", "bbox": [5, 5, 15, 10], "score": 0.9}]
+    metrics, _ = coco_evaluate(gt, perfect, image_ids=["img10"])
+    assert metrics["AP/cat"] == pytest.approx(1.0)
+
+
+def test_bad_coco_file_stops_the_load_stage_with_one_line(coco_root: Path, tmp_path: Path) -> None:
+    doc = json.loads((coco_root / "train.json").read_text())
+    del doc["annotations"][0]["category_id"]
+    (coco_root / "bad.json").write_text(json.dumps(doc))
+    proc = run_cli("run", str(REPO / "pipelines" / "detect.yaml"), "--set", "stages=[load]",
+                   "--set", f"load.root={coco_root}", "--set", "load.generate=null", "--set", "load.val=null",
+                   "--set", "load.test=null", "--set", "load.train={annotations: bad.json, images: imgs}",
+                   "--run-dir", str(tmp_path / "run"), cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert f"error: {coco_root / 'bad.json'}: annotations[0] (id 1): category_id: missing" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
 
 
 def test_missing_images_all_is_an_error_some_is_skipped(coco_root: Path) -> None:

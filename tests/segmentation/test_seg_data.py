@@ -235,3 +235,20 @@ def test_masks_follow_every_augmentation_nearest_only(tmp_path):
         # after the flip, blue (class 2) is on the left
         cols = torch.arange(45).float()
         assert float(cols[None].expand(37, 45)[y == 2].mean()) < float(cols[None].expand(37, 45)[y == 1].mean())
+
+
+@pytest.mark.parametrize("field, value", [("image_dir", "{foo}"), ("image_dir", "{0}"), ("image_dir", "images{"),
+                                          ("image_dir", "img}"), ("mask_dir", "m{x}"), ("mask_dir", "{split")])
+def test_only_split_may_appear_in_braces_in_folder_templates(tmp_path, field, value):
+    data = {"task": "segmentation", "load": {"root": str(tmp_path), field: value}}
+    with pytest.raises(ConfigError, match=rf"x\.yaml: load\.{field}: only \{{split\}} may appear in braces"):
+        load_config("x.yaml", data=data)
+
+
+def test_split_placeholder_in_image_and_mask_dirs(index_data):
+    for split in ("train", "val"):
+        (index_data / split / "images").rename(index_data / split / f"images_{split}")
+        (index_data / split / "masks").rename(index_data / split / f"masks_{split}")
+    samples, *_ = _load(index_data, classes=CLASSES, image_dir="images_{split}", mask_dir="masks_{split}")
+    assert len(samples["train"]) == 6 and len(samples["val"]) == 3
+    assert "images_val" in samples["val"][0].image and "masks_val" in samples["val"][0].mask
