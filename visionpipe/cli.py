@@ -160,6 +160,9 @@ def export(
         raise UsageError(f"--calibration {calibration}: use static or dynamic")
     ckpt = source / "checkpoints" / "best.pt" if source.is_dir() else source
     task, model, state = task_and_model_from_checkpoint(ckpt)
+    if quantize and calibration == "static" and not type(task).image_predict:  # before writing anything
+        raise UsageError(f"--quantize int8: task {task.name} has no image inputs to calibrate on; "
+                         "add --calibration dynamic")
     data = None
     try:  # real inputs for the parity check, when the data is still where the config says
         data = task.build_data()
@@ -222,7 +225,7 @@ def predict(
     from visionpipe.manager import get_manager
 
     if device not in ("cpu", "cuda", "auto"):
-        raise VisionpipeError(f"--device {device}: use cpu, cuda or auto")
+        raise UsageError(f"--device {device}: use cpu, cuda or auto")
     given = {}
     for item in option or []:
         if "=" not in item:

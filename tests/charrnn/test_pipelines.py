@@ -267,3 +267,10 @@ def test_unknown_prompt_characters_are_read_as_unk(gen_run):
     out = generate(torch_step(model, torch.device("cpu")), vocab, (4, 48), "Th€ ", 20, 0.8, 5,
                    np.random.default_rng(0))
     assert len(out) == 20 and "\ufffd" not in out and PAD not in vocab.encode(out)
+
+
+def test_static_int8_for_a_text_model_is_refused_before_anything_is_written(cls_run, tmp_path):
+    tmp, run = cls_run
+    proc = run_cli("export", str(run), "--out", str(tmp_path / "m.onnx"), "--quantize", "int8", cwd=tmp, check=False)
+    assert proc.returncode == 2 and "has no image inputs to calibrate on; add --calibration dynamic" in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()
