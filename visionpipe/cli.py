@@ -191,7 +191,9 @@ def predict(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
     backend_name: Annotated[str, typer.Option("--backend", help="auto (from the model file), onnxruntime or torch; "
                                               "with a run folder picks model.onnx or checkpoints/best.pt.")] = "auto",
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per image (classification).")] = 5,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=0, help="Classes per record (classification, default 5); "
+                                              "charrnn_generate: sample among the k likeliest (0 = all; default: "
+                                              "the model's).", show_default=False)] = None,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write images with predictions drawn.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: process every N-th input from I (default: from torchrun's RANK/WORLD_SIZE).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoder threads/processes (default: cores, or cores/4 for a model on the CPU; 0 = decode in the main thread).")] = None,
@@ -239,11 +241,13 @@ def predict(
                                      streams=streams,
                                      graph_optimization=graph_opt, spinning=spinning, amp=amp)
     task_cls = get_manager().task(metadata.get("task", "?"))
+    if top_k is not None:
+        given["top_k"] = top_k
     try:  # before any input is read
         given = task_cls.check_predict_options(given)
     except ConfigError as e:
         raise ConfigError(e.message, file="--option", field=e.field) from None
-    opts = {"batch_size": batch_size, "top_k": top_k, "save_images": save_images, "shard": shard,
+    opts = {"batch_size": batch_size, "save_images": save_images, "shard": shard,
             "workers": workers, "decode": decode, "num": num, "seed": seed, "prompt": prompt, "pin": pin, **given}
     summary = run_predict(task_cls, backend, metadata, source, out_dir, opts,
                           on_change="overwrite" if overwrite else "refuse")

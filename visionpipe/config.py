@@ -131,7 +131,9 @@ class PredictConfig(Block):
     source: str | None = Field(None, description="file, folder (recursive) or glob to predict on")
     batch_size: int = Field(16, gt=0)
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    top_k: int = Field(5, gt=0)
+    top_k: int | None = Field(None, ge=0, description="the task's top_k option: classes per record (classification, "
+                                                      "default 5) or charrnn_generate's sampling top-k (0 = all; "
+                                                      "default: the model's); an error for tasks without it")
     save_images: bool = Field(False, description="draw predictions on copies of the images")
     out: str = Field("predictions", description="folder inside the run folder")
     workers: int | None = Field(None, ge=0, description="decoder threads/processes; default: cores, or cores/4 "
@@ -504,11 +506,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg = model_cls.model_validate(body)
     except ValidationError as e:
         raise validation_to_config_error(e, source, model_cls) from None
-    if cfg.predict is not None and hasattr(task_cls, "check_predict_options"):
+    if cfg.predict is not None:  # the task's own options: names, types and ranges it declares
+        p = cfg.predict
         try:
-            task_cls.check_predict_options(cfg.predict.options)
+            p.options = task_cls.check_predict_options(p.options)
+            if p.top_k is not None:
+                task_cls.check_predict_options({"top_k": p.top_k})
         except ConfigError as e:
-            raise source.error(e.message, ("predict", "options", e.field)) from None
+            where = ("predict", "top_k") if e.field == "top_k" and "top_k" not in p.options else \
+                ("predict", "options", e.field)
+            raise source.error(e.message, where) from None
     if cfg.name is None:
         cfg.name = Path(path).stem if path else task_name
     return LoadedConfig(cfg, data, source, extra)

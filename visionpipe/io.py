@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,15 +107,17 @@ def append_jsonl(f: IO, record: dict) -> None:
     f.flush()
 
 
-def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporary files left by a killed writer under ``folder``; return them."""
+def clean_stale_tmp(folder: str | os.PathLike, only: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove temporary files left by a killed writer under ``folder`` (those ``only`` accepts); return them."""
     removed = []
     root = Path(folder)
-    if root.is_dir():
-        for p in root.rglob(TMP_PREFIX + "*"):
-            if p.is_file():
+    for p in root.rglob(TMP_PREFIX + "*") if root.is_dir() else []:
+        try:
+            if p.is_file() and (only is None or only(p)):
                 p.unlink()
                 removed.append(p)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
     return removed
 
 

@@ -349,12 +349,12 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
     if ctx.model is None:
         raise VisionpipeError("stage 'export' needs the 'model' stage before it")
     cfg = ctx.block("export")
-    ctx.model.eval()
-    spec = ctx.task.export_spec(ctx.model.cpu(), ctx.data, ctx.info, cfg.parity_samples)
     out = resolve_under(ctx.run_dir, cfg.file, what="export.file")
     if out.suffix != ".onnx" or out.is_dir() or _in_reserved(ctx, out):
         raise ctx.loaded.source.error(f"'{cfg.file}' must be an .onnx file of its own in the run folder (not a "
                                       f"folder, and not in {', '.join(RESERVED_DIRS)})", ("export", "file"))
+    ctx.model.eval()
+    spec = ctx.task.export_spec(ctx.model.cpu(), ctx.data, ctx.info, cfg.parity_samples)
     report = export_onnx(spec, out, opset=cfg.opset, tolerance=cfg.tolerance, dynamic_batch=cfg.dynamic_batch)
     ctx.model.to(ctx.device)
     ctx.outputs["onnx"] = str(out)
@@ -365,17 +365,13 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
 
 def stage_predict(ctx: RunContext) -> dict[str, Any]:
     """Predict over the predict block's source with the exported model (or the PyTorch model)."""
-    from visionpipe.errors import ConfigError
     from visionpipe.infer.backends import open_backend
     from visionpipe.infer.runner import run_predict
 
     if not dist.is_main():
         return {}
     cfg = ctx.block("predict")
-    try:  # before any work: a misspelt task option is a config error
-        options = type(ctx.task).check_predict_options(cfg.options)
-    except ConfigError as e:
-        raise ctx.loaded.source.error(e.message, ("predict", "options", e.field)) from None
+    options = {**cfg.options, **({"top_k": cfg.top_k} if cfg.top_k is not None else {})}  # checked by load_config
     out_dir = resolve_under(ctx.run_dir, cfg.out, what="predict.out")
     onnx = Path(ctx.outputs["onnx"]).resolve() if ctx.outputs.get("onnx") else None
     if (out_dir == ctx.run_dir.resolve() or _in_reserved(ctx, out_dir) or (out_dir.exists() and not out_dir.is_dir())
@@ -385,7 +381,7 @@ def stage_predict(ctx: RunContext) -> dict[str, Any]:
                                       f"{', '.join(RESERVED_DIRS)}", ("predict", "out"))
     model_path = ctx.outputs.get("onnx") or (ctx.run_dir / "checkpoints" / "best.pt")
     backend, metadata = open_backend(str(model_path), device=cfg.device, streams=cfg.streams)  # None: sized for predict
-    opts = {**options, "batch_size": cfg.batch_size, "top_k": cfg.top_k, "save_images": cfg.save_images,
+    opts = {**options, "batch_size": cfg.batch_size, "save_images": cfg.save_images,
             "workers": cfg.workers, "decode": cfg.decode}
     task_cls = ctx.manager.task(metadata["task"])
     # the stage owns its folder: predictions of another model or with other options are started over
@@ -437,7 +433,8 @@ def _check_resume_pipeline(path: Path, given: str, run_path: Path, prev: dict[st
     """Accept a PIPELINE given with --resume only when it is the pipeline the run was started from."""
     if not path.is_file():
         raise ConfigError("file not found", file=given)
-    if sha256_file(path) in (prev.get("inputs") or {}).values():
+    recorded = (prev.get("pipeline") or {}).get("sha256") or next(iter((prev.get("inputs") or {}).values()), None)
+    if recorded is not None and sha256_file(path) == recorded:  # (older manifests: the first input is the pipeline)
         return
     mine = load_config(str(path), manager=manager).resolved_dict()
     if mine == load_config(str(run_path / "config.yaml"), manager=manager).resolved_dict():
@@ -605,7 +602,8 @@ def _manifest(ctx: RunContext, path: str | None, overrides: list[str] | None, pr
     }
     if invoked_in is None:  # a new run
         inputs = {str(path): sha256_file(path)} if path and Path(path).is_file() else {}
-        return {**current, "command": sys.argv, "cwd": os.getcwd(), "inputs": inputs, "stages": {},
+        pipeline = {"path": str(path), "sha256": inputs[str(path)]} if inputs else None
+        return {**current, "command": sys.argv, "cwd": os.getcwd(), "pipeline": pipeline, "inputs": inputs, "stages": {},
                 "stages_done": [], "resumed_from_epoch": None, "started": now}
     m = {k: v for k, v in prev.items() if k not in ("finished", "export", "outputs", "status")}
     m.update(current)

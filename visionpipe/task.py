@@ -257,9 +257,8 @@ class Task:
 
         try:
             return cls.predictor(metadata, options)
-        except (KeyError, TypeError, ValueError) as e:
-            detail = f"no '{e.args[0]}'" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
-            raise VisionpipeError(f"the model's visionpipe metadata does not fit task {cls.name} ({detail}); "
+        except KeyError as e:  # a key the metadata of this task's exports always has
+            raise VisionpipeError(f"the model's visionpipe metadata does not fit task {cls.name} (no {e}); "
                                   "export the model again with `visionpipe export`") from None
 
     @classmethod

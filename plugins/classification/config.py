@@ -53,9 +53,9 @@ class ModelConfig(Block):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        import torchvision
+        from visionpipe_plugins.classification.models import model_names
 
-        names = torchvision.models.list_models(module=torchvision.models)
+        names = model_names()
         if name not in names:
             raise ValueError(f"unknown torchvision classification model '{name}'"
                              f"{did_you_mean(name, [n for n in names if not n.startswith('quantized')])} "

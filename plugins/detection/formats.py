@@ -100,18 +100,20 @@ def load_coco_json(path: Path) -> dict[str, Any]:
     return check_coco(data, path)
 
 
-def _is_id(v: Any) -> bool:
+def is_coco_id(v: Any) -> bool:
+    """True for an id COCO tools accept: an int or a str (not a bool)."""
     return isinstance(v, (int, str)) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
+    """True for an int or float (not a bool) that is finite."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _at(path: Path | str, key: str, i: int, entry: Any) -> str:
     """``file: key[i] (id X)``, the prefix of every message about one entry."""
     ident = entry.get("id") if isinstance(entry, dict) else None
-    return f"{path}: {key}[{i}]" + (f" (id {ident!r})" if _is_id(ident) else "")
+    return f"{path}: {key}[{i}]" + (f" (id {ident!r})" if is_coco_id(ident) else "")
 
 
 def _short(v: Any) -> str:
@@ -136,7 +138,7 @@ def _check_entries(path: Path | str, key: str, entries: list[Any], required: tup
             if f not in e:
                 raise DataError(f"{at}: {f}: missing")
         v = e["id"]
-        if not _is_id(v):
+        if not is_coco_id(v):
             raise DataError(f"{at}: id: must be an integer or a string (got {_short(v)})")
         first_type = first_type or type(v)
         if type(v) is not first_type:
@@ -154,7 +156,7 @@ def _ref(at: str, a: dict[str, Any], field_: str, known: set[Any], what: str) ->
     if field_ not in a:
         raise DataError(f"{at}: {field_}: missing")
     v = a[field_]
-    if not _is_id(v):
+    if not is_coco_id(v):
         raise DataError(f"{at}: {field_}: must be an integer or a string (got {_short(v)})")
     if v not in known:
         hint = " (a string here, a number there)" if isinstance(v, str) and v.lstrip("-").isdigit() and \
@@ -184,7 +186,7 @@ def check_coco(data: Any, path: Path | str) -> dict[str, Any]:
             v = im.get(f)
             if v is None:
                 continue
-            if not _is_number(v) or v < 0 or v != int(v):
+            if not is_finite_number(v) or v < 0 or v != int(v):
                 raise DataError(f"{_at(path, 'images', i, im)}: {f}: must be a whole number of pixels >= 0 "
                                 f"(got {_short(v)})")
             im[f] = int(v)
@@ -195,15 +197,15 @@ def check_coco(data: Any, path: Path | str) -> dict[str, Any]:
             raise DataError(f"{path}: annotations[{i}]: must be an object {{...}} (got {_short(a)})")
         at = _at(path, "annotations", i, a)
         if "id" in a:
-            if not _is_id(a["id"]):
+            if not is_coco_id(a["id"]):
                 raise DataError(f"{at}: id: must be an integer or a string (got {_short(a['id'])})")
             if a["id"] in ann_ids:
                 raise DataError(f"{at}: id: duplicate (also annotations[{ann_ids[a['id']]}])")
             ann_ids[a["id"]] = i
         elif without_id is None:
             without_id = i
-        if "image_id" in a and _is_id(a["image_id"]) and a["image_id"] not in img_ids:
-            orphans = sum(1 for b in anns if isinstance(b, dict) and not (_is_id(b.get("image_id"))
+        if "image_id" in a and is_coco_id(a["image_id"]) and a["image_id"] not in img_ids:
+            orphans = sum(1 for b in anns if isinstance(b, dict) and not (is_coco_id(b.get("image_id"))
                                                                           and b["image_id"] in img_ids))
             raise DataError(f"{at}: image_id: {a['image_id']!r} is not in 'images' ({orphans} annotation(s) "
                             "refer to no image)")
@@ -212,9 +214,9 @@ def check_coco(data: Any, path: Path | str) -> dict[str, Any]:
         bbox = a.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise DataError(f"{at}: bbox: must be [x, y, width, height] (got {_short(bbox)})")
-        if not all(_is_number(v) for v in bbox):
+        if not all(is_finite_number(v) for v in bbox):
             raise DataError(f"{at}: bbox: expected 4 finite numbers (got {_short(bbox)})")
-        if "area" in a and not (_is_number(a["area"]) and a["area"] >= 0):
+        if "area" in a and not (is_finite_number(a["area"]) and a["area"] >= 0):
             raise DataError(f"{at}: area: must be a number >= 0 (got {_short(a['area'])})")
         if a.get("iscrowd", 0) not in (0, 1):
             raise DataError(f"{at}: iscrowd: must be 0 or 1 (got {_short(a['iscrowd'])})")

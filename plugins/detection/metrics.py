@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,11 +94,9 @@ def check_coco_results(gt: Any, results: list[Any], source: str, gt_source: str 
     ``gt_source``) has.
     """
     from visionpipe.errors import DataError
+    from visionpipe_plugins.detection.formats import is_coco_id, is_finite_number
 
     imgs, cats = set(gt.getImgIds()), set(gt.getCatIds())
-
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     for i, r in enumerate(results):
         at = f"{source}: entry {i}"
@@ -110,12 +107,12 @@ def check_coco_results(gt: Any, results: list[Any], source: str, gt_source: str 
                 raise DataError(f"{at}: {key}: missing")
         for key, known in (("image_id", imgs), ("category_id", cats)):
             v = r[key]
-            if not isinstance(v, (int, str)) or isinstance(v, bool) or v not in known:
+            if not is_coco_id(v) or v not in known:
                 raise DataError(f"{at}: {key} {v!r:.40} is not in {gt_source}")
         b = r["bbox"]
-        if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(number(v) for v in b):
+        if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(is_finite_number(v) for v in b):
             raise DataError(f"{at}: bbox: must be 4 finite numbers [x, y, width, height] (got {b!r:.80})")
         if b[2] < 0 or b[3] < 0:
             raise DataError(f"{at}: bbox: width and height must be >= 0 (got {b})")
-        if not number(r["score"]):
+        if not is_finite_number(r["score"]):
             raise DataError(f"{at}: score: must be a finite number (got {r['score']!r:.40})")

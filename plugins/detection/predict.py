@@ -44,10 +44,12 @@ class DetectionPredictor(Predictor):
         self.draw_thr = float(dthr if dthr is not None else metadata.get("draw_threshold", 0.5))
         self.batchable = "num_detections" in metadata.get("outputs", [])
         self.gt: str | None = str(options["gt"]) if options.get("gt") else None
-        if self.gt:
-            # Checked now so that a bad file fails before any image is predicted; only the path is kept, since
-            # the predictor is pickled to decoder processes. write_extra reads it again.
-            load_coco_json(Path(self.gt))
+        # read and checked now, so that a bad file fails before any image is predicted
+        self._gt_data: dict[str, Any] | None = load_coco_json(Path(self.gt)) if self.gt else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What decoder processes get: not the ground truth (only the main process scores)."""
+        return {**self.__dict__, "_gt_data": None}
 
     def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
         x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
@@ -142,7 +144,7 @@ class DetectionPredictor(Predictor):
         """(ground-truth file, its checked content, path → image id): from the ``gt`` option, else the
         best-covering split the model was trained with (a file that is gone or no longer loads is skipped)."""
         if self.gt:
-            given, data = self.gt, load_coco_json(Path(self.gt))
+            given, data = self.gt, self._gt_data or load_coco_json(Path(self.gt))
             by_suffix = {tuple(Path(str(im["file_name"])).parts): im["id"] for im in data["images"]}
             ids = {}
             for p in paths:

@@ -39,18 +39,6 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def mask_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of a mask from its header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise DataError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot read mask ({e})") from None
-    return h, w
-
-
 def mask_palette(path: str | os.PathLike, n: int) -> list[list[int]] | None:
     """The first ``n`` palette colours of a palette PNG, or None for other masks."""
     with Image.open(path) as im:

@@ -274,3 +274,13 @@ def test_static_int8_for_a_text_model_is_refused_before_anything_is_written(cls_
     proc = run_cli("export", str(run), "--out", str(tmp_path / "m.onnx"), "--quantize", "int8", cwd=tmp, check=False)
     assert proc.returncode == 2 and "has no image inputs to calibrate on; add --calibration dynamic" in proc.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_generate_top_k_defaults_to_the_models_and_takes_zero(gen_run, tmp_path):
+    tmp, run = gen_run
+    base = ["predict", str(run / "model.onnx"), "--prompt", "The ", "-o", "length=5"]
+    run_cli(*base, "--out", str(tmp_path / "default"), cwd=tmp)
+    run_cli(*base, "--top-k", "0", "--out", str(tmp_path / "all"), cwd=tmp)
+    meta_top_k = json.loads((run / "predictions" / "summary.json").read_text())["top_k"]
+    assert json.loads((tmp_path / "default" / "summary.json").read_text())["top_k"] == meta_top_k
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["top_k"] == 0

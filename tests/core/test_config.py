@@ -188,3 +188,11 @@ def test_an_unknown_classification_model_is_caught_at_load(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, BASE + "model:\n  name: resnet999\n"))
     assert "p.yaml:11: model.name: unknown torchvision classification model 'resnet999'" in str(e.value)
+
+
+def test_predict_top_k_is_checked_by_the_task(tmp_path):
+    p = write(tmp_path, BASE + "predict:\n  source: data\n  top_k: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}:12: predict.top_k: must be >= 1 (got 0)")
+    assert load_config(p, ["predict.top_k=3"]).config.predict.top_k == 3

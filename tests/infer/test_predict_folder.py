@@ -220,7 +220,7 @@ def test_stage_refuses_an_unknown_option_before_predicting(run_copy):
 
 
 def test_stage_refuses_the_run_folder_itself_as_out(run_copy):
-    with pytest.raises(ConfigError, match="predict.out: must be a folder inside the run folder"):
+    with pytest.raises(ConfigError, match=r"predict.out: .\.. must be a folder of its own inside the run folder"):
         predict_stage(run_copy, "predict.out=.")
     assert (run_copy / "checkpoints" / "best.pt").is_file()
 

@@ -298,22 +298,25 @@ class DeviceBatches:
     def __init__(self, loader: DataLoader, transform: DeviceTransform) -> None:
         self.loader, self.transform = loader, transform
         self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last good training batch, across epochs
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Decoded batches; a batch of only unreadable files is skipped (evaluation) or repeats the last one.
+        """Decoded batches; a batch of only unreadable files is skipped (evaluation) or repeats the last good one.
 
-        In training the repeat keeps the step count, which distributed ranks must agree on.
+        In training the repeat keeps the step count, which distributed ranks must agree on (only a
+        run whose very first batch is all unreadable takes one step fewer).
         """
-        last = None
+        train = self.transform.aug.train
         for batch in self.loader:
             x, y = self.transform(batch)
             if len(y):
-                last = batch
-            elif self.transform.aug.train and last is not None:
-                x, y = self.transform(last)
+                if train:
+                    self._last = (x, y)
+            elif train and self._last is not None:
+                x, y = self._last
             else:
                 continue
             yield x, y

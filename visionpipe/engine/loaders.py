@@ -67,7 +67,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         if self.world > 1:  # the same shards as torch's DistributedSampler(shuffle=True, drop_last=False)
             g.manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=g).tolist()
-            total = len(self) * self.world
+            total = self._per_rank() * self.world
             order += (order * math.ceil(total / max(n, 1)))[: total - n]
             order = order[self.rank:total:self.world]
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from visionpipe.errors import VisionpipeError
-from visionpipe.io import TMP_PREFIX, atomic_open, clean_stale_tmp, write_json
+from visionpipe.io import atomic_open, clean_stale_tmp, write_json
 
 log = logging.getLogger(__name__)
 KINDS = ("predictions", "errors")
@@ -119,15 +119,7 @@ def clean_stale_temp(out_dir: Path, shard: tuple[int, int]) -> list[Path]:
     if shard[1] == 1:
         return clean_stale_tmp(out_dir)
     own, old = f".shard{shard[0]}of{shard[1]}.", time.time() - STALE_TMP_SECONDS
-    removed = []
-    for p in out_dir.rglob(TMP_PREFIX + "*") if out_dir.is_dir() else []:
-        try:
-            if p.is_file() and (own in p.name or p.stat().st_mtime < old):
-                p.unlink()
-                removed.append(p)
-        except FileNotFoundError:  # its writer finished meanwhile
-            continue
-    return removed
+    return clean_stale_tmp(out_dir, lambda p: own in p.name or p.stat().st_mtime < old)
 
 
 class _Unsorted(Exception):
