@@ -135,7 +135,7 @@ def _decode_fast(data: bytes) -> np.ndarray | None:
                           apply_exif_orientation=True)
     except (RuntimeError, ValueError):
         return None
-    return chw.permute(1, 2, 0).numpy()
+    return chw.permute(1, 2, 0).contiguous().numpy()
 
 
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
