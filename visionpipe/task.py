@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -140,6 +141,9 @@ class PredictOption:
         t = self.value_type
         if value is None or t is None:
             return value
+        if t is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
             if value != value or value in (float("inf"), float("-inf")):

@@ -21,11 +21,12 @@ def pick_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.random
     z[[PAD, UNK]] = -np.inf
     if temperature <= 0:
         return int(np.argmax(z))
-    z = z / temperature
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf: greedy, as it should
+        z = (z - z.max()) / temperature
     if 0 < top_k < np.isfinite(z).sum():
         kth = np.partition(z, -top_k)[-top_k]
         z[z < kth] = -np.inf
-    p = np.exp(z - z.max())
+    p = np.exp(z)
     p /= p.sum()
     return int(rng.choice(len(p), p=p))
 

@@ -209,8 +209,22 @@ def read_class_file(path: Path) -> list[str]:
     """Class names, one per line (blank lines and # comments skipped)."""
     if not path.is_file():
         raise DataError(f"{path}: classes file not found")
-    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    first: dict[str, int] = {}
+    names = []
+    for lineno, ln in enumerate(text.splitlines(), 1):
+        name = ln.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name in first:
+            raise DataError(f"{path}:{lineno}: class name '{name}' again (first on line {first[name]})")
+        first[name] = lineno
+        names.append(name)
     if len(names) < 2:
         raise DataError(f"{path}: needs at least 2 class names, one per line (got {len(names)})")
     return names
@@ -306,5 +320,6 @@ def _class_names(cfg: LoadConfig, root: Path, cats: list[dict[str, Any]] | None,
         raise ConfigError(f"{len(names)} names given but the COCO file has {len(cats)} categories + background",
                           field="load.classes")
     if len(set(names)) != len(names):
-        raise ConfigError(f"duplicate class names in {names}", field="load.classes")
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ConfigError(f"class name '{dup}' appears twice in {names}", field="load.classes")
     return names

@@ -284,3 +284,20 @@ def test_generate_top_k_defaults_to_the_models_and_takes_zero(gen_run, tmp_path)
     meta_top_k = json.loads((run / "predictions" / "summary.json").read_text())["top_k"]
     assert json.loads((tmp_path / "default" / "summary.json").read_text())["top_k"] == meta_top_k
     assert json.loads((tmp_path / "all" / "summary.json").read_text())["top_k"] == 0
+
+
+def test_a_text_model_does_not_take_over_another_models_out(cls_run, gen_run, tmp_path):
+    out = tmp_path / "out"
+    tmp, gen = gen_run
+    run_cli("predict", str(gen / "model.onnx"), "--prompt", "The ", "-o", "length=5", "--out", str(out), cwd=tmp)
+    before = (out / "predictions.jsonl").read_bytes()
+    run_cli("predict", str(gen / "model.onnx"), "--prompt", "A ", "-o", "length=7", "--out", str(out), cwd=tmp)
+    assert (out / "predictions.jsonl").read_bytes() != before  # same model, other options: rewritten
+    src = tmp_path / "names.txt"
+    src.write_text("Thorin\n", encoding="utf-8")
+    _, cls = cls_run
+    proc = run_cli("predict", str(cls / "model.onnx"), str(src), "--out", str(out), cwd=tmp, check=False)
+    assert proc.returncode == 1 and "holds predictions made with other settings (model sha256" in proc.stderr
+    assert json.loads((out / "fingerprint.json").read_text())["task"] == "charrnn_generate"
+    run_cli("predict", str(cls / "model.onnx"), str(src), "--out", str(out), "--overwrite", cwd=tmp)
+    assert json.loads((out / "fingerprint.json").read_text())["task"] == "charrnn_classify"

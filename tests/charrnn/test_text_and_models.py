@@ -114,6 +114,7 @@ def test_sampling_top_k_temperature_and_greedy():
     assert draws == {3, 4}
     draws = {pick_next(logits, 5.0, 0, rng) for _ in range(400)}
     assert draws == {2, 3, 4, 5}
+    assert {pick_next(logits, 1e-310, 0, rng) for _ in range(20)} == {3}  # tiny but positive: greedy, no NaN
 
     v = Vocab(["<pad>", "<unk>", "a", "b"])
 

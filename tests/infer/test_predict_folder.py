@@ -303,3 +303,9 @@ def test_declared_options_have_ranges(options, message):
         DetectionTask.check_predict_options(options)
     with pytest.raises(ConfigError, match=r"top_k: must be >= 1 \(got 0\)"):
         ClassificationTask.check_predict_options({"top_k": 0})
+
+
+def test_numbers_in_scientific_notation_are_numbers():
+    from visionpipe_plugins.detection.task import DetectionTask
+
+    assert DetectionTask.check_predict_options({"score_threshold": "1e-3"}) == {"score_threshold": 0.001}

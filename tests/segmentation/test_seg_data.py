@@ -252,3 +252,16 @@ def test_split_placeholder_in_image_and_mask_dirs(index_data):
     samples, *_ = _load(index_data, classes=CLASSES, image_dir="images_{split}", mask_dir="masks_{split}")
     assert len(samples["train"]) == 6 and len(samples["val"]) == 3
     assert "images_val" in samples["val"][0].image and "masks_val" in samples["val"][0].mask
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"background\nc\xe9rcle\nsquare\n", r"classes.txt:2: not UTF-8 text \(byte 0xe9\)"),
+    (b"background\ncircle\n# note\ncircle\n", r"classes.txt:4: class name 'circle' again \(first on line 2\)"),
+])
+def test_a_bad_classes_file_names_its_line(tmp_path, content, message):
+    from visionpipe_plugins.segmentation.data import read_class_file
+
+    p = tmp_path / "classes.txt"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_class_file(p)

@@ -351,10 +351,10 @@ def run_predict(task_cls: type[Task], backend: Backend, metadata: dict[str, Any]
                 options: dict[str, Any], *, on_change: str = "refuse") -> dict[str, Any]:
     """Run ``task_cls.predict`` into ``out_dir`` after making sure it resumes only its own model's predictions.
 
-    Temporary files a killed run left in ``out_dir`` are removed first. For a task whose predict
-    resumes, ``fingerprint.json`` (per shard) records the model's sha256 and the options that change
-    the records. When ``out_dir`` holds this shard's predictions of another fingerprint (or of an
-    unknown one), ``on_change`` decides: "refuse" (an error naming what differs), "restart" (delete
+    Temporary files a killed run left in ``out_dir`` are removed first. ``fingerprint.json`` (per
+    shard) records the model's sha256 and, for a task whose predict resumes, the options that change
+    the records (a task that rewrites its outputs on each run may change its options freely). When
+    ``out_dir`` holds this shard's predictions of another fingerprint (or of an unknown one), ``on_change`` decides: "refuse" (an error naming what differs), "restart" (delete
     ``out_dir``, a folder the caller owns, and predict again) or "overwrite" (delete this shard's
     outputs first, even when they match). ``backend.model_file`` must name the model (open_backend sets it).
     """
@@ -362,14 +362,14 @@ def run_predict(task_cls: type[Task], backend: Backend, metadata: dict[str, Any]
         raise ValueError(f"on_change={on_change!r}: use one of {', '.join(ON_CHANGE)}")
     out_dir = Path(out_dir)
     shard = parse_shard(options.get("shard"))
-    if task_cls.predict_resumes:
-        if backend.model_file is None:
-            raise VisionpipeError("predict needs the model file to fingerprint its outputs; open the model with "
-                                  "visionpipe.infer.backends.open_backend()")
-        fingerprint = {"task": task_cls.name, "model": str(Path(backend.model_file).resolve()),
-                       "model_sha256": sha256_file(backend.model_file),
-                       "options": task_cls.record_options(options)}
-        _claim(out_dir, shard_suffix(shard), fingerprint, on_change)
+    if backend.model_file is None:
+        raise VisionpipeError("predict needs the model file to fingerprint its outputs; open the model with "
+                              "visionpipe.infer.backends.open_backend()")
+    # a task that rewrites its outputs on every run may change its options; none may take over another model's
+    fingerprint = {"task": task_cls.name, "model": str(Path(backend.model_file).resolve()),
+                   "model_sha256": sha256_file(backend.model_file),
+                   "options": task_cls.record_options(options) if task_cls.predict_resumes else {}}
+    _claim(out_dir, shard_suffix(shard), fingerprint, on_change)
     stale = clean_stale_temp(out_dir, shard)
     if stale:
         log.info("removed %d temporary file(s) left in %s by a killed run", len(stale), out_dir)
