@@ -205,7 +205,8 @@ def predict(
     spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let onnxruntime threads busy-wait (faster only when nothing else needs the cores).")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="torch backend: autocast (fp16 on CUDA, bf16 on CPU).")] = False,
     num: Annotated[int | None, typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Generative tasks: random seed.")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="Generative tasks: random seed (default 0).",
+                                             show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Text generation: the prompt.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Task option key=value (repeatable); "
                                                     "a name the model's task does not take is an error.")] = None,
@@ -241,14 +242,19 @@ def predict(
                                      streams=streams,
                                      graph_optimization=graph_opt, spinning=spinning, amp=amp)
     task_cls = get_manager().task(metadata.get("task", "?"))
-    if top_k is not None:
-        given["top_k"] = top_k
     try:  # before any input is read
         given = task_cls.check_predict_options(given)
     except ConfigError as e:
         raise ConfigError(e.message, file="--option", field=e.field) from None
+    flags = {"top_k": top_k, "num": num, "seed": seed, "prompt": prompt}  # task options with flags of their own
+    for name, value in flags.items():
+        if value is not None:
+            try:
+                given[name] = task_cls.check_predict_options({name: value})[name]
+            except ConfigError as e:
+                raise UsageError(f"--{name.replace('_', '-')}: {e.message}") from None
     opts = {"batch_size": batch_size, "save_images": save_images, "shard": shard,
-            "workers": workers, "decode": decode, "num": num, "seed": seed, "prompt": prompt, "pin": pin, **given}
+            "workers": workers, "decode": decode, "pin": pin, **given}
     summary = run_predict(task_cls, backend, metadata, source, out_dir, opts,
                           on_change="overwrite" if overwrite else "refuse")
     out.print_json(json.dumps(summary, default=str))

@@ -309,3 +309,15 @@ def test_numbers_in_scientific_notation_are_numbers():
     from visionpipe_plugins.detection.task import DetectionTask
 
     assert DetectionTask.check_predict_options({"score_threshold": "1e-3"}) == {"score_threshold": 0.001}
+
+
+def test_cli_flags_of_options_the_task_does_not_take_are_usage_errors(cli, tiny_model, tmp_path):
+    from visionpipe.errors import UsageError
+
+    r = cli(str(tiny_model.onnx), "in", "--out", "pm", "--prompt", "hi")
+    assert isinstance(r.exception, UsageError)
+    assert str(r.exception) == ("--prompt: unknown predict option 'prompt' for task classification "
+                                "(valid: count_total, pin, prefetch, top_k)")
+    r = cli(str(tiny_model.onnx), "in", "--out", "pm", "--top-k", "0")
+    assert str(r.exception) == "--top-k: must be >= 1 (got 0)"
+    assert not (tmp_path / "pm").exists(), "nothing written"
