@@ -354,9 +354,10 @@ def run_predict(task_cls: type[Task], backend: Backend, metadata: dict[str, Any]
     Temporary files a killed run left in ``out_dir`` are removed first. ``fingerprint.json`` (per
     shard) records the model's sha256 and, for a task whose predict resumes, the options that change
     the records (a task that rewrites its outputs on each run may change its options freely). When
-    ``out_dir`` holds this shard's predictions of another fingerprint (or of an unknown one), ``on_change`` decides: "refuse" (an error naming what differs), "restart" (delete
-    ``out_dir``, a folder the caller owns, and predict again) or "overwrite" (delete this shard's
-    outputs first, even when they match). ``backend.model_file`` must name the model (open_backend sets it).
+    ``out_dir`` holds this shard's predictions of another fingerprint (or of an unknown one),
+    ``on_change`` decides: "refuse" (an error naming what differs), "restart" (delete ``out_dir``, a
+    folder the caller owns, and predict again) or "overwrite" (delete this shard's outputs first,
+    even when they match). ``backend.model_file`` must name the model (open_backend sets it).
     """
     if on_change not in ON_CHANGE:
         raise ValueError(f"on_change={on_change!r}: use one of {', '.join(ON_CHANGE)}")
