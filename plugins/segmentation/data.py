@@ -156,19 +156,22 @@ def _decode_error(path: str) -> str | None:
 
 
 def check_pairs(samples: list[Sample], workers: int | None = None, num_classes: int | None = None,
-                ignore_index: int = 255) -> tuple[list[Sample], list[BadImage]]:
+                ignore_index: int = 255) -> tuple[list[Sample], list[BadImage], int]:
     """Decode every image and mask once; skip pairs with an unreadable file; raise DataError for wrong masks.
 
     A wrong mask is one of another size than its image, a colour image, or (given ``num_classes``)
-    one with values that are neither a class nor ``ignore_index``.
+    one with values that are neither a class nor ``ignore_index``. Also returns the largest class
+    label in the good pairs' mask files (-1 when none), from which classes can be inferred.
     """
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
-    def probe(s: Sample) -> BadImage | str | None:
+    def probe(s: Sample) -> tuple[BadImage | str | None, int]:
+        """(None, or why the pair is skipped (BadImage) or wrong (str); the mask file's largest label)."""
+        hi = -1
         try:
             img = read_image(s.image)
         except ImageReadError as e:
-            return BadImage(s.image, e.reason)
+            return BadImage(s.image, e.reason), hi
         if s.coco:
             h, w = s.coco.height, s.coco.width
         else:
@@ -177,24 +180,28 @@ def check_pairs(samples: list[Sample], workers: int | None = None, num_classes: 
             except DataError as e:
                 why = _decode_error(s.mask)
                 if why is None:  # it decodes, so the content is wrong (e.g. a colour image): an error
-                    return str(e)
-                return BadImage(s.mask, f"cannot read mask ({why}); its image {s.image} is left out")
+                    return str(e), hi
+                return BadImage(s.mask, f"cannot read mask ({why}); its image {s.image} is left out"), hi
             h, w = mask.shape[:2]
             if num_classes is not None and (h, w) == img.shape[:2]:
                 try:
                     check_labels(mask, num_classes, ignore_index, s.describe_mask())
                 except DataError as e:
-                    return str(e)
+                    return str(e), hi
+            labels = mask[mask != ignore_index]
+            hi = int(labels.max()) if labels.size else -1
         if (h, w) != img.shape[:2]:
             return (f"{s.image}: image is {img.shape[1]}x{img.shape[0]} but its mask {s.describe_mask()} is "
-                    f"{w}x{h} (width x height); image and mask sizes must match")
-        return None
+                    f"{w}x{h} (width x height); image and mask sizes must match"), hi
+        return None, hi
 
     good, bad, wrong = [], [], []
+    largest = -1
     with ThreadPoolExecutor(workers) as pool:
-        for s, res in zip(samples, pool.map(probe, samples), strict=True):
+        for s, (res, hi) in zip(samples, pool.map(probe, samples), strict=True):
             if res is None:
                 good.append(s)
+                largest = max(largest, hi)
             elif isinstance(res, BadImage):
                 bad.append(res)
             else:
@@ -202,7 +209,7 @@ def check_pairs(samples: list[Sample], workers: int | None = None, num_classes: 
     if wrong:
         more = f" (and {len(wrong) - 1} more wrong mask(s))" if len(wrong) > 1 else ""
         raise DataError(f"{wrong[0]}{more}")
-    return good, bad
+    return good, bad, largest
 
 
 def read_class_file(path: Path) -> list[str]:
@@ -230,9 +237,9 @@ def read_class_file(path: Path) -> list[str]:
     return names
 
 
-def infer_classes(samples: list[Sample], ignore_index: int) -> list[str]:
-    """Names class_0..class_K from the largest label found in the masks (when no names are given)."""
-    hi = 0
+def largest_label(samples: list[Sample], ignore_index: int) -> int:
+    """The largest class label in the masks of ``samples`` (-1 when none); unreadable masks are passed over."""
+    hi = -1
     for s in samples:
         try:
             m = load_mask(s, ignore_index)
@@ -243,9 +250,15 @@ def infer_classes(samples: list[Sample], ignore_index: int) -> list[str]:
         vals = m[m != ignore_index]
         if vals.size:
             hi = max(hi, int(vals.max()))
+    return hi
+
+
+def inferred_class_names(largest: int) -> list[str]:
+    """class_0..class_K for masks whose largest label is K (when no names are given); at least two."""
+    n = max(largest + 1, 2)
     log.warning("no load.classes or load.classes_file: %d classes inferred from the masks (largest label %d)",
-                max(hi + 1, 2), hi)
-    return [f"class_{i}" for i in range(max(hi + 1, 2))]
+                n, max(largest, 0))
+    return [f"class_{i}" for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- splits
@@ -282,18 +295,28 @@ def load_splits(cfg: LoadConfig) -> tuple[dict[str, list[Sample]], dict[str, Any
     if not samples:
         raise VisionpipeError("load: no split configured (train/val/test are all null)")
 
-    classes = _class_names(cfg, root, cats, samples, inputs)
+    bad_all: list[BadImage] = []
+    checked: set[str] = set()
+    classes = _given_class_names(cfg, root, cats, inputs)
+    if classes is None:  # named after the largest label of the training masks (of the first split without train)
+        first = "train" if "train" in samples else next(iter(samples))
+        if cfg.check_images:  # the check decodes every mask anyway: infer from the same pass
+            samples[first], bad_all, largest = check_pairs(samples[first], ignore_index=cfg.ignore_index)
+            checked.add(first)  # its labels are all <= largest: every one is a class of the inferred ones
+        else:
+            largest = largest_label(samples[first], cfg.ignore_index)
+        classes = inferred_class_names(largest)
+    _check_class_names(classes, cats)
     if cfg.ignore_index < len(classes):
         raise ConfigError(f"{cfg.ignore_index} is a class index (classes are 0..{len(classes) - 1}); "
                           f"use a value >= {len(classes)}, e.g. 255", field="load.ignore_index")
-    bad_all: list[BadImage] = []
     if cfg.check_images:
-        for split in list(samples):
-            samples[split], bad = check_pairs(samples[split], num_classes=len(classes),
-                                              ignore_index=cfg.ignore_index)
+        for split in [sp for sp in samples if sp not in checked]:
+            samples[split], bad, _ = check_pairs(samples[split], num_classes=len(classes),
+                                                 ignore_index=cfg.ignore_index)
             bad_all += bad
-            for b in bad:
-                log.warning("skipping unreadable file %s: %s", b.path, b.reason)
+        for b in bad_all:
+            log.warning("skipping unreadable file %s: %s", b.path, b.reason)
     first = next((s.mask for split in samples.values() for s in split if s.mask), None)
     try:
         palette = mask_palette(first, len(classes)) if first else None
@@ -304,22 +327,24 @@ def load_splits(cfg: LoadConfig) -> tuple[dict[str, list[Sample]], dict[str, Any
     return samples, info, bad_all, inputs
 
 
-def _class_names(cfg: LoadConfig, root: Path, cats: list[dict[str, Any]] | None,
-                 samples: dict[str, list[Sample]], inputs: list[Path]) -> list[str]:
+def _given_class_names(cfg: LoadConfig, root: Path, cats: list[dict[str, Any]] | None,
+                       inputs: list[Path]) -> list[str] | None:
+    """The class names from the config, its classes file or the COCO categories; None: infer them."""
     if cfg.classes:
-        names = list(cfg.classes)
-    elif cfg.classes_file:
+        return list(cfg.classes)
+    if cfg.classes_file:
         path = resolve_under(root, cfg.classes_file, what="load.classes_file")
-        names = read_class_file(path)
         inputs.append(path)
-    elif cats is not None:
-        names = [cfg.coco_background] + [str(c["name"]) for c in cats]
-    else:
-        names = infer_classes(samples.get("train") or next(iter(samples.values())), cfg.ignore_index)
+        return read_class_file(path)
+    if cats is not None:
+        return [cfg.coco_background] + [str(c["name"]) for c in cats]
+    return None
+
+
+def _check_class_names(names: list[str], cats: list[dict[str, Any]] | None) -> None:
     if cats is not None and len(names) != len(cats) + 1:
         raise ConfigError(f"{len(names)} names given but the COCO file has {len(cats)} categories + background",
                           field="load.classes")
     if len(set(names)) != len(names):
         dup = next(n for i, n in enumerate(names) if n in names[:i])
         raise ConfigError(f"class name '{dup}' appears twice in {names}", field="load.classes")
-    return names

@@ -217,6 +217,28 @@ def test_unreadable_images_are_skipped_and_reported(index_data):
 def test_classes_inferred_from_masks_when_not_given(index_data):
     _, info, _, _ = _load(index_data)
     assert info["class_names"] == ["class_0", "class_1", "class_2"]
+    _, info, _, _ = _load(index_data, check_images=False)
+    assert info["class_names"] == ["class_0", "class_1", "class_2"]
+
+
+def test_inferring_classes_decodes_each_mask_once(index_data, monkeypatch):
+    import visionpipe_plugins.segmentation.data as seg_data
+
+    reads: list[str] = []
+    real = seg_data.read_mask
+    monkeypatch.setattr(seg_data, "read_mask", lambda p: (reads.append(Path(p).name), real(p))[1])
+    samples, info, _, _ = _load(index_data)
+    assert info["class_names"] == ["class_0", "class_1", "class_2"]
+    masks = [Path(s.mask).name for split in samples.values() for s in split]
+    assert sorted(reads) == sorted(masks)  # the check at load and the class inference share one pass
+
+
+def test_val_labels_beyond_the_inferred_classes_are_an_error(index_data):
+    m = read_mask(index_data / "val" / "masks" / "001.png").copy()
+    m[0, 0] = 5
+    save_mask(index_data / "val" / "masks" / "001.png", m, palette=False)
+    with pytest.raises(DataError, match=r"val/masks/001\.png: mask values \[5\] are neither a class index \(0\.\.2\)"):
+        _load(index_data)
 
 
 def test_masks_follow_every_augmentation_nearest_only(tmp_path):
