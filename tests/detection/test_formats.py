@@ -378,6 +378,41 @@ def test_yolo_needs_class_names(yolo_root: Path) -> None:
     assert cats.names == ["x", "y"]
 
 
+def test_yolo_data_yaml_names_mapping_keys_are_the_class_ids(yolo_root: Path) -> None:
+    (yolo_root / "classes.txt").unlink()
+    (yolo_root / "data.yaml").write_text("names: {1: box, 0: ball}\n")
+    records, cats, *_ = load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    assert cats.names == ["ball", "box"]
+    # a gap would shift every later class onto the wrong name
+    (yolo_root / "data.yaml").write_text("names: {0: ball, 2: box}\n")
+    with pytest.raises(DataError, match=r"data\.yaml: names: keys must be the class ids 0\.\.1 \(got 0, 2\)"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    (yolo_root / "data.yaml").write_text("- ball\n- box\n")  # not a mapping: no names, as if absent
+    with pytest.raises(DataError, match="load.classes: required for yolo"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+
+
+def test_repeated_class_names_and_non_utf8_class_files_are_one_line_errors(yolo_root: Path, tmp_path: Path) -> None:
+    (yolo_root / "classes.txt").write_text("ball\n\nball\n")
+    with pytest.raises(DataError, match=r"classes\.txt:3: class name 'ball' again \(first on line 1\)"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    (yolo_root / "classes.txt").write_bytes(b"ball\nb\xe4ll\n")
+    with pytest.raises(DataError, match=r"classes\.txt:2: not UTF-8 text \(byte 0xe4\)"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    (yolo_root / "classes.txt").unlink()
+    (yolo_root / "data.yaml").write_text("names: [ball, box, ball]\n")
+    with pytest.raises(DataError, match=r"data\.yaml: names: class name 'ball' appears twice"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    with pytest.raises(ValueError, match=r"class name 'ball' appears twice"):
+        LoadConfig(format="coco", root=str(tmp_path), train="t.json", classes=["ball", "box", "ball"])
+
+
+def test_voc_list_file_that_is_not_utf8_names_file_and_line(voc_root: Path) -> None:
+    (voc_root / "ImageSets" / "Main" / "train.txt").write_bytes(b"001\n00\xe92\n")
+    with pytest.raises(DataError, match=r"train\.txt:2: not UTF-8 text"):
+        load(format="voc", root=str(voc_root), train="ImageSets/Main/train.txt")
+
+
 # ----------------------------------------------------------------------------- dataset / augment
 
 
