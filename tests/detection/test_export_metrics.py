@@ -265,6 +265,26 @@ def test_evaluate_returns_coco_keys_and_writes_final_files(shapes_root: Path, tm
     assert metrics["AP50"] == pytest.approx(res["AP50"])
 
 
+def test_evaluating_a_split_without_boxes_is_a_clear_error(shapes_root: Path) -> None:
+    """No ground truth: pycocotools gives no AP (-1); it was reported as 0 without detections and left out
+    with some, which the trainer then took for a mistyped train.monitor."""
+    import dataclasses
+
+    from visionpipe.errors import VisionpipeError
+    from visionpipe_plugins.detection.data import collate
+
+    task = _task(shapes_root)
+    records, cats, *_ = load_splits(task.cfg.load)
+    model = task.build_model({"class_names": cats.names}).eval()
+    empty = [dataclasses.replace(r, boxes=r.boxes[:0], labels=r.labels[:0], crowd=r.crowd[:0], areas=r.areas[:0])
+             for r in records["val"]]
+    crowd_only = [dataclasses.replace(r, crowd=np.ones_like(r.crowd)) for r in records["val"]]
+    for recs in (empty, crowd_only):
+        loader = torch.utils.data.DataLoader(DetectionDataset(recs, categories=cats), batch_size=2, collate_fn=collate)
+        with pytest.raises(VisionpipeError, match=r"evaluation split has no boxes to find \(3 image\(s\)"):
+            task.evaluate(model, loader, device=torch.device("cpu"), epoch=1)
+
+
 def _gt_variant(gt_file: Path, out: Path, *drop: str) -> Path:
     """``gt_file`` with the annotation fields ``drop`` removed from every annotation."""
     doc = json.loads(gt_file.read_text())
