@@ -197,6 +197,22 @@ def test_coco_results_round_trip_through_pycocotools(shapes_root: Path, tmp_path
     assert coco_evaluate(gt, wrong)[0]["AP50"] == pytest.approx(0.0)
 
 
+def test_no_detections_on_some_images_scores_the_classes_pycocotools_would(shapes_root: Path) -> None:
+    """Without any detection the per-class keys must be those pycocotools reports for the same images."""
+    gt_file = shapes_root / "annotations" / "train.json"
+    gt = coco_index(load_coco_json(gt_file))
+    doc = json.loads(gt_file.read_text())
+    first = doc["annotations"][0]["image_id"]
+    ours, _ = coco_evaluate(gt, [], image_ids=[first])
+    # one far-away, low-scoring detection on an image outside the subset: pycocotools runs, nothing is found
+    miss = [{"image_id": doc["images"][-1]["id"], "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.01}]
+    theirs, _ = coco_evaluate(gt, miss, image_ids=[first])
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    on_first = {f"AP/{names[a['category_id']]}" for a in doc["annotations"] if a["image_id"] == first}
+    assert {k for k in ours if k.startswith("AP/")} == {k for k in theirs if k.startswith("AP/")} == on_first
+    assert all(ours[k] == 0.0 for k in ours)
+
+
 def test_evaluate_coco_command(shapes_root: Path, tmp_path: Path) -> None:
     gt_file = shapes_root / "annotations" / "val.json"
     res_file = tmp_path / "results.json"
