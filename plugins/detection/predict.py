@@ -40,6 +40,11 @@ class DetectionPredictor(Predictor):
         self.cat_ids: list[Any] = metadata["category_ids"]
         thr = options.get("score_threshold")
         self.score_thr = float(thr if thr is not None else metadata.get("score_threshold", 0.0))
+        floor = metadata.get("score_threshold")
+        if thr is not None and floor is not None and self.score_thr < float(floor):
+            log.warning("score_threshold %g is below the model's box_score_thresh %g: the model has already dropped "
+                        "detections under %g (export with a lower model.box_score_thresh to keep them)",
+                        self.score_thr, float(floor), float(floor))
         dthr = options.get("draw_threshold")
         self.draw_thr = float(dthr if dthr is not None else metadata.get("draw_threshold", 0.5))
         self.batchable = "num_detections" in metadata.get("outputs", [])

@@ -172,6 +172,17 @@ def test_predictor_reads_models_exported_with_a_batch_of_one(exported) -> None:
     assert rec["boxes"] == [[1, 2, 30, 40]] and rec["labels"] == ["square"] and rec["scores"] == [0.9]
 
 
+def test_a_score_threshold_below_the_models_own_is_warned_about(exported, caplog) -> None:
+    meta = {**read_metadata(exported[0]), "score_threshold": 0.3}
+    with caplog.at_level("WARNING"):
+        DetectionPredictor(meta, {"score_threshold": 0.5})
+        assert not caplog.records
+        DetectionPredictor(meta, {})
+        assert not caplog.records
+        DetectionPredictor(meta, {"score_threshold": 0.1})
+    assert "score_threshold 0.1 is below the model's box_score_thresh 0.3" in caplog.text
+
+
 def _perfect_results(gt_file: Path) -> list[dict]:
     doc = json.loads(gt_file.read_text())
     return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
