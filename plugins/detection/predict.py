@@ -51,6 +51,21 @@ class DetectionPredictor(Predictor):
         self.gt: str | None = str(options["gt"]) if options.get("gt") else None
         # read and checked now, so that a bad file fails before any image is predicted
         self._gt_data: dict[str, Any] | None = load_coco_json(Path(self.gt)) if self.gt else None
+        if self._gt_data is not None:
+            self._check_gt_categories(self._gt_data)
+
+    def _check_gt_categories(self, data: dict[str, Any]) -> None:
+        """The ground truth must know the model's category ids (else every detection is silently ignored)."""
+        gt_names = {c["id"]: str(c["name"]) for c in data["categories"]}
+        if not any(c in gt_names for c in self.cat_ids):
+            raise DataError(f"{self.gt}: none of the model's category ids ({', '.join(map(repr, self.cat_ids[:12]))}) "
+                            f"is among the file's categories ({', '.join(map(repr, list(gt_names)[:12]))}); scoring would "
+                            "ignore every detection")
+        clash = [f"{c!r} is '{n}' in the model, '{gt_names[c]}' there" for c, n in zip(self.cat_ids, self.names,
+                                                                                    strict=True)
+                 if c in gt_names and gt_names[c] != n]
+        if clash:
+            log.warning("%s: category ids name other classes than the model's: %s", self.gt, "; ".join(clash[:4]))
 
     def __getstate__(self) -> dict[str, Any]:
         """What decoder processes get: not the ground truth (only the main process scores)."""

@@ -420,3 +420,24 @@ def test_predict_with_a_bad_ground_truth_fails_before_predicting(exported, tmp_p
     assert str(result.exception).startswith(f"{tmp_path / 'bad.json'}: annotations[0] "
                                             f"(id {doc['annotations'][0]['id']}): bbox: must be")
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
+
+
+def test_predict_refuses_a_ground_truth_without_the_models_category_ids(exported, tmp_path: Path, caplog) -> None:
+    """Another dataset's ids: pycocotools ignores every detection and predict reported AP 0 as a result."""
+    path, *_, shapes_root = exported
+    doc = json.loads((shapes_root / "annotations" / "test.json").read_text())
+    for c in doc["categories"]:
+        c["id"] += 10
+    for a in doc["annotations"]:
+        a["category_id"] += 10
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    meta = read_metadata(path)
+    with pytest.raises(DataError, match=r"other\.json: none of the model's category ids \(1, 2, 3, 4\) is among the "
+                                        r"file's categories \(11, 12, 13, 14\)"):
+        DetectionPredictor(meta, {"gt": str(tmp_path / "other.json")})
+    doc = json.loads((shapes_root / "annotations" / "test.json").read_text())
+    doc["categories"][0]["name"] = "person"
+    (tmp_path / "renamed.json").write_text(json.dumps(doc))
+    with caplog.at_level("WARNING"):
+        DetectionPredictor(meta, {"gt": str(tmp_path / "renamed.json")})
+    assert "1 is 'circle' in the model, 'person' there" in caplog.text
