@@ -169,6 +169,7 @@ def to_records(raw: RawSplit, cats: Categories, split: str,
     records: list[ImageRecord] = []
     unreadable: list[BadImage] = []
     dropped, example, unknown = 0, "", 0
+    resized: list[str] = []
     for im in raw.images:
         w, h = im.width, im.height
         if im.objects and (w <= 0 or h <= 0):
@@ -177,6 +178,14 @@ def to_records(raw: RawSplit, cats: Categories, split: str,
             except ImageReadError as e:
                 unreadable.append(BadImage(e.path, e.reason))
                 continue
+        elif im.objects and cfg.check_images and cfg.format != "yolo":  # yolo sizes come from the image already
+            try:
+                size = image_size(im.path)
+            except ImageReadError:
+                size = (w, h)  # the image check reports it
+            if size != (w, h):
+                resized.append(f"{im.source}: {im.file_name} is {size[0]}x{size[1]} pixels, annotated {w}x{h}"
+                               + (" (EXIF orientation?)" if size == (h, w) else ""))
         boxes, labels, crowd, areas = [], [], [], []
         for o in im.objects:
             label = cats.key_to_label.get(o.key)
@@ -200,6 +209,9 @@ def to_records(raw: RawSplit, cats: Categories, split: str,
     if dropped:
         log.warning("load.%s: dropped %d degenerate box(es) (narrower or lower than %g px after clipping to the "
                     "image), e.g. %s", split, dropped, cfg.min_box_size, example)
+    if resized:
+        log.warning("load.%s: %d image(s) are not the size their annotations give, so their boxes may be misplaced or "
+                    "dropped, e.g. %s", split, len(resized), resized[0])
     if unknown:
         log.info("load.%s: %d box(es) of categories outside load.classes left out", split, unknown)
     return records, dropped, unreadable

@@ -81,6 +81,22 @@ def test_coco_classes_subset_keeps_only_those(coco_root: Path) -> None:
     assert all(set(r.labels.tolist()) <= {1} for r in records["train"])
 
 
+def test_images_not_the_size_their_annotations_give_are_warned_about(coco_root: Path, caplog) -> None:
+    """An EXIF-rotated JPEG annotated in its stored orientation: its box fell outside the decoded image, silently."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: the 50x40 stored pixels decode as 40x50
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(coco_root / "imgs" / "a.jpg", exif=exif)
+    doc = json.loads((coco_root / "train.json").read_text())
+    doc["images"][0]["file_name"] = "a.jpg"
+    (coco_root / "train.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"})
+    assert re.search(r"load\.train: 1 image\(s\) are not the size their annotations give.*train\.json: a\.jpg is "
+                     r"40x50 pixels, annotated 50x40 \(EXIF orientation\?\)", caplog.text)
+
+
 def test_coco_file_name_escaping_the_image_root_is_refused(coco_root: Path) -> None:
     doc = json.loads((coco_root / "train.json").read_text())
     doc["images"][0]["file_name"] = "../../etc/passwd"
