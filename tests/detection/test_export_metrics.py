@@ -127,6 +127,22 @@ def test_parity_compare_catches_missing_and_moved_detections() -> None:
     assert make_compare(0.05)(batch, padded) == float("inf")  # different number of images
 
 
+def test_parity_compare_allows_a_near_tie_at_the_detection_cap() -> None:
+    """With as many detections as the model keeps (k), a near-tie at the lowest score may fall either side of the
+    cap in ONNX and PyTorch: that is float noise, not a missing detection; a strong one missing still fails."""
+    boxes = np.array([[[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]], np.float32)
+    ref = [boxes, np.array([[1, 2, 1]]), np.array([[0.9, 0.8, 0.300001]], np.float32), np.array([3])]
+    other = boxes.copy()
+    other[0, 2] = [60, 0, 70, 10]  # the fourth candidate, scoring 0.3 in both, took the last row
+    got = [other, np.array([[1, 2, 2]]), np.array([[0.9, 0.8, 0.3]], np.float32), np.array([3])]
+    assert make_compare(0.05)(ref, got) == pytest.approx(0.0, abs=1e-5)
+    strong = [boxes, np.array([[1, 2, 1]]), np.array([[0.9, 0.8, 0.7]], np.float32), np.array([3])]
+    lost = [other, np.array([[1, 2, 1]]), np.array([[0.9, 0.8, 0.2]], np.float32), np.array([3])]
+    assert make_compare(0.05)(strong, lost) >= 1.0  # 0.7 is above the other side's lowest score: required
+    not_full = [a[:, :2] if a.ndim > 1 else np.array([2]) for a in got]  # room for more: all strong ones required
+    assert make_compare(0.05)(ref, not_full) > 0.5
+
+
 def _predict_folder(backend: Backend, meta: dict, folder: Path, out: Path, batch_size: int) -> tuple[list[dict], list[int]]:
     """Predict a folder as `visionpipe predict` does; (records, the batch sizes the model was fed)."""
     fed: list[int] = []
