@@ -195,11 +195,13 @@ def make_compare(score_floor: float, margin: float = 0.02):
 
     Detections near the score threshold may appear on one side only (float noise), so they are not required;
     nor are those near the lowest score of an output holding the most detections it can (``k`` rows), which
-    float noise may push past that cap.
+    float noise may push past that cap; when both are full, their sorted scores are compared instead.
     """
 
     def one(ref: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...], k: int) -> float:
         worst = 0.0
+        if len(ref[2]) == len(got[2]) == k:  # both full: whichever ties made the cut, the scores kept must agree
+            worst = float(np.abs(np.sort(ref[2]).astype(np.float64) - np.sort(got[2])).max())
         for (ab, al, as_), (bb, bl, bs) in ((ref, got), (got, ref)):
             cut = float(bs.min()) if len(bs) >= k > 0 else -np.inf  # the other side is full: below this it had no room
             strong = as_ > max(score_floor, cut) + margin

@@ -141,6 +141,11 @@ def test_parity_compare_allows_a_near_tie_at_the_detection_cap() -> None:
     assert make_compare(0.05)(strong, lost) >= 1.0  # 0.7 is above the other side's lowest score: required
     not_full = [a[:, :2] if a.ndim > 1 else np.array([2]) for a in got]  # room for more: all strong ones required
     assert make_compare(0.05)(ref, not_full) > 0.5
+    # every score tied (an untrained model): no detection is required, but the scores kept must still agree
+    tied = [boxes, np.array([[1, 1, 1]]), np.full((1, 3), 0.2, np.float32), np.array([3])]
+    reordered = [boxes[:, ::-1].copy(), tied[1], tied[2], tied[3]]
+    assert make_compare(0.05)(tied, reordered) == 0.0
+    assert make_compare(0.05)(tied, [reordered[0], tied[1], tied[2] + 0.01, tied[3]]) == pytest.approx(0.01)
 
 
 def _predict_folder(backend: Backend, meta: dict, folder: Path, out: Path, batch_size: int) -> tuple[list[dict], list[int]]:
