@@ -70,7 +70,9 @@ def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch_on_any_size(exporte
     assert [o.shape for o in sess.get_outputs()] == [["batch", 100, 4], ["batch", 100], ["batch", 100], ["batch"]]
     compare = make_compare(0.0)
     torch.manual_seed(1)
-    for shape in [(1, 3, 48, 48), (3, 3, 48, 48), (3, 3, 37, 81)]:  # 37 x 81: a size never seen at export time
+    # 37 x 81: a size never seen at export time; 194 x 438 and 377 x 460: sizes torchvision's traced resize made one
+    # pixel narrower in onnxruntime (63 columns, not 64) than in PyTorch
+    for shape in [(1, 3, 48, 48), (3, 3, 48, 48), (3, 3, 37, 81), (1, 3, 194, 438), (1, 3, 377, 460)]:
         x = torch.rand(*shape)
         got = sess.run(None, {"images": x.numpy()})
         with torch.no_grad():
