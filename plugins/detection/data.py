@@ -138,12 +138,19 @@ def _read_split(cfg: LoadConfig, root: Path, split: str, classes: list[str] | No
 def _categories(cfg: LoadConfig, raws: dict[str, RawSplit]) -> Categories:
     """Contiguous labels for the union of the splits' categories (or ``load.classes``)."""
     seen: dict[Any, str] = {}
+    key_of: dict[str, tuple[Any, str]] = {}  # a name given once in a split → (its key, that split)
     for split, raw in raws.items():
+        names = [n for _, n in raw.categories]
         for key, name in raw.categories:
             if key in seen and seen[key] != name:
                 raise DataError(f"load.{split}: category {key!r} is named '{name}' here but '{seen[key]}' in "
                                 "another split")
             seen.setdefault(key, name)
+            if names.count(name) == 1:
+                other = key_of.setdefault(name, (key, split))
+                if other[0] != key:  # two labels for one class: trained on one, scored on the other
+                    raise DataError(f"load.{split}: category '{name}' has id {key!r} here but {other[0]!r} in "
+                                    f"load.{other[1]}; give each class the same id in every split")
     keys = sorted(seen, key=lambda k: (str(type(k)), k))
     if cfg.classes and cfg.format != "yolo":
         by_name = {n: k for k, n in seen.items()}

@@ -97,6 +97,19 @@ def test_images_not_the_size_their_annotations_give_are_warned_about(coco_root: 
                      r"40x50 pixels, annotated 50x40 \(EXIF orientation\?\)", caplog.text)
 
 
+def test_a_class_with_another_id_in_another_split_is_an_error(coco_root: Path) -> None:
+    """Splits exported separately may number classes differently: 'dog' became two labels, trained on one and
+    scored on the other (AP 0, no message)."""
+    doc = json.loads((coco_root / "train.json").read_text())
+    doc["categories"] = [{"id": 3, "name": "cat"}, {"id": 8, "name": "dog"}]
+    doc["annotations"] = [dict(a, category_id=8) for a in doc["annotations"] if a["category_id"] == 7]
+    (coco_root / "val.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"load\.val: category 'dog' has id 8 here but 7 in load\.train; give each "
+                                        r"class the same id in every split"):
+        load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"},
+             val={"annotations": "val.json", "images": "imgs"})
+
+
 def test_coco_file_name_escaping_the_image_root_is_refused(coco_root: Path) -> None:
     doc = json.loads((coco_root / "train.json").read_text())
     doc["images"][0]["file_name"] = "../../etc/passwd"
