@@ -75,6 +75,14 @@ class LoadConfig(Block):
     check_images: bool = Field(True, description="decode every image before training; skip unreadable ones")
     generate: GenerateConfig | None = Field(None, description="create the built-in dataset at root if missing")
 
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        dup = next((n for i, n in enumerate(v or []) if n in v[:i]), None)
+        if dup is not None:
+            raise ValueError(f"class name '{dup}' appears twice in {v}")
+        return v
+
     @field_validator("train", "val", "test", mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:

@@ -138,12 +138,19 @@ def _read_split(cfg: LoadConfig, root: Path, split: str, classes: list[str] | No
 def _categories(cfg: LoadConfig, raws: dict[str, RawSplit]) -> Categories:
     """Contiguous labels for the union of the splits' categories (or ``load.classes``)."""
     seen: dict[Any, str] = {}
+    key_of: dict[str, tuple[Any, str]] = {}  # a name given once in a split → (its key, that split)
     for split, raw in raws.items():
+        names = [n for _, n in raw.categories]
         for key, name in raw.categories:
             if key in seen and seen[key] != name:
                 raise DataError(f"load.{split}: category {key!r} is named '{name}' here but '{seen[key]}' in "
                                 "another split")
             seen.setdefault(key, name)
+            if names.count(name) == 1:
+                other = key_of.setdefault(name, (key, split))
+                if other[0] != key:  # two labels for one class: trained on one, scored on the other
+                    raise DataError(f"load.{split}: category '{name}' has id {key!r} here but {other[0]!r} in "
+                                    f"load.{other[1]}; give each class the same id in every split")
     keys = sorted(seen, key=lambda k: (str(type(k)), k))
     if cfg.classes and cfg.format != "yolo":
         by_name = {n: k for k, n in seen.items()}
@@ -169,6 +176,7 @@ def to_records(raw: RawSplit, cats: Categories, split: str,
     records: list[ImageRecord] = []
     unreadable: list[BadImage] = []
     dropped, example, unknown = 0, "", 0
+    resized: list[str] = []
     for im in raw.images:
         w, h = im.width, im.height
         if im.objects and (w <= 0 or h <= 0):
@@ -177,6 +185,14 @@ def to_records(raw: RawSplit, cats: Categories, split: str,
             except ImageReadError as e:
                 unreadable.append(BadImage(e.path, e.reason))
                 continue
+        elif im.objects and cfg.check_images and cfg.format != "yolo":  # yolo sizes come from the image already
+            try:
+                size = image_size(im.path)
+            except ImageReadError:
+                size = (w, h)  # the image check reports it
+            if size != (w, h):
+                resized.append(f"{im.source}: {im.file_name} is {size[0]}x{size[1]} pixels, annotated {w}x{h}"
+                               + (" (EXIF orientation?)" if size == (h, w) else ""))
         boxes, labels, crowd, areas = [], [], [], []
         for o in im.objects:
             label = cats.key_to_label.get(o.key)
@@ -200,6 +216,9 @@ def to_records(raw: RawSplit, cats: Categories, split: str,
     if dropped:
         log.warning("load.%s: dropped %d degenerate box(es) (narrower or lower than %g px after clipping to the "
                     "image), e.g. %s", split, dropped, cfg.min_box_size, example)
+    if resized:
+        log.warning("load.%s: %d image(s) are not the size their annotations give, so their boxes may be misplaced or "
+                    "dropped, e.g. %s", split, len(resized), resized[0])
     if unknown:
         log.info("load.%s: %d box(es) of categories outside load.classes left out", split, unknown)
     return records, dropped, unreadable

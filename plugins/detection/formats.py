@@ -74,6 +74,19 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; a file that is not UTF-8 or cannot be read is a DataError naming it (and the line)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
 def _number(v: Any, where: str) -> float:
     try:
         x = float(v)
@@ -312,7 +325,7 @@ def read_voc(root: Path, ann: str | None, images: str | None, split: str) -> Raw
     elif ann_path.is_file():
         xml_dir = resolve_under(root, "Annotations", what="Annotations")
         xmls = []
-        for lineno, line in enumerate(ann_path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(ann_path).splitlines(), 1):
             stem = line.split()[0] if line.strip() else ""
             if stem and not stem.startswith("#"):
                 xmls.append(resolve_under(xml_dir, stem + ".xml", what=f"{ann_path}:{lineno}"))
@@ -330,21 +343,40 @@ def read_voc(root: Path, ann: str | None, images: str | None, split: str) -> Raw
 
 
 def yolo_class_names(root: Path) -> list[str] | None:
-    """Class names from root/classes.txt (one a line) or root/data.yaml ``names``, if present."""
+    """Class names from root/classes.txt (one a line) or root/data.yaml ``names``, if present.
+
+    Line i of classes.txt (blank lines skipped), item i of a ``names`` list or key i of a ``names``
+    mapping is class i; a repeated name, or mapping keys that are not 0..N-1, is a DataError.
+    """
     txt = root / "classes.txt"
     if txt.is_file():
-        return [ln.strip() for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        first: dict[str, int] = {}
+        for lineno, ln in enumerate(read_text(txt).splitlines(), 1):
+            name = ln.strip()
+            if name in first:
+                raise DataError(f"{txt}:{lineno}: class name '{name}' again (first on line {first[name]})")
+            if name:
+                first[name] = lineno
+        return list(first)
     for name in ("data.yaml", "dataset.yaml"):
         y = root / name
         if y.is_file():
             try:
-                names = (yaml.safe_load(y.read_text(encoding="utf-8")) or {}).get("names")
+                doc = yaml.safe_load(read_text(y))
             except yaml.YAMLError as e:
                 raise DataError(f"{y}: invalid YAML ({e})") from None
+            names = doc.get("names") if isinstance(doc, dict) else None
             if isinstance(names, dict):
-                return [str(names[k]) for k in sorted(names)]
+                if not all(type(k) is int for k in names) or set(names) != set(range(len(names))):
+                    raise DataError(f"{y}: names: keys must be the class ids 0..{len(names) - 1} "
+                                    f"(got {', '.join(map(repr, names))})")
+                names = [names[k] for k in range(len(names))]
             if isinstance(names, list):
-                return [str(n) for n in names]
+                out = [str(n) for n in names]
+                dup = next((n for i, n in enumerate(out) if n in out[:i]), None)
+                if dup is not None:
+                    raise DataError(f"{y}: names: class name '{dup}' appears twice")
+                return out
     return None
 
 

@@ -58,7 +58,9 @@ def coco_evaluate(gt: Any, results: list[dict], class_names: dict[Any, str] | No
     with contextlib.redirect_stdout(buf):
         dt = gt.loadRes(results) if results else None
         if dt is None:  # pycocotools cannot load an empty results list: nothing found scores zero
-            present = {a["category_id"] for a in gt.dataset["annotations"]}
+            wanted = None if image_ids is None else set(image_ids)
+            present = {a["category_id"] for a in gt.dataset["annotations"]
+                       if not a.get("iscrowd") and (wanted is None or a["image_id"] in wanted)}
             return {k: 0.0 for k in ("AP", "AP50", "AP75")} | {f"AP/{n}": 0.0 for c, n in names.items()
                                                                if c in present}, {"pr": {}, "summary": "no detections"}
         ev = COCOeval(gt, dt, "bbox")

@@ -40,12 +40,32 @@ class DetectionPredictor(Predictor):
         self.cat_ids: list[Any] = metadata["category_ids"]
         thr = options.get("score_threshold")
         self.score_thr = float(thr if thr is not None else metadata.get("score_threshold", 0.0))
+        floor = metadata.get("score_threshold")
+        if thr is not None and floor is not None and self.score_thr < float(floor):
+            log.warning("score_threshold %g is below the model's box_score_thresh %g: the model has already dropped "
+                        "detections under %g (export with a lower model.box_score_thresh to keep them)",
+                        self.score_thr, float(floor), float(floor))
         dthr = options.get("draw_threshold")
         self.draw_thr = float(dthr if dthr is not None else metadata.get("draw_threshold", 0.5))
         self.batchable = "num_detections" in metadata.get("outputs", [])
         self.gt: str | None = str(options["gt"]) if options.get("gt") else None
         # read and checked now, so that a bad file fails before any image is predicted
         self._gt_data: dict[str, Any] | None = load_coco_json(Path(self.gt)) if self.gt else None
+        if self._gt_data is not None:
+            self._check_gt_categories(self._gt_data)
+
+    def _check_gt_categories(self, data: dict[str, Any]) -> None:
+        """The ground truth must know the model's category ids (else every detection is silently ignored)."""
+        gt_names = {c["id"]: str(c["name"]) for c in data["categories"]}
+        if not any(c in gt_names for c in self.cat_ids):
+            raise DataError(f"{self.gt}: none of the model's category ids ({', '.join(map(repr, self.cat_ids[:12]))}) "
+                            f"is among the file's categories ({', '.join(map(repr, list(gt_names)[:12]))}); scoring would "
+                            "ignore every detection")
+        clash = [f"{c!r} is '{n}' in the model, '{gt_names[c]}' there" for c, n in zip(self.cat_ids, self.names,
+                                                                                    strict=True)
+                 if c in gt_names and gt_names[c] != n]
+        if clash:
+            log.warning("%s: category ids name other classes than the model's: %s", self.gt, "; ".join(clash[:4]))
 
     def __getstate__(self) -> dict[str, Any]:
         """What decoder processes get: not the ground truth (only the main process scores)."""

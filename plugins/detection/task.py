@@ -124,6 +124,9 @@ class DetectionTask(Task):
             top = max((int(r.labels.max(initial=0)) for r in ds.records), default=0)
             cat_ids = list(range(1, top + 1))
         names = info.get("class_names") or (cats.names if cats else [str(c) for c in cat_ids])
+        if ds.records and not any((~r.crowd).any() for r in ds.records):
+            raise VisionpipeError(f"the evaluation split has no boxes to find ({len(ds.records)} image(s), none with "
+                                  "a non-crowd box): COCO AP is undefined; evaluate on annotated images")
         gt_images, results = [], []
         for images, targets in loader:
             outputs = model([im.to(device) for im in images])

@@ -81,6 +81,35 @@ def test_coco_classes_subset_keeps_only_those(coco_root: Path) -> None:
     assert all(set(r.labels.tolist()) <= {1} for r in records["train"])
 
 
+def test_images_not_the_size_their_annotations_give_are_warned_about(coco_root: Path, caplog) -> None:
+    """An EXIF-rotated JPEG annotated in its stored orientation: its box fell outside the decoded image, silently."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: the 50x40 stored pixels decode as 40x50
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(coco_root / "imgs" / "a.jpg", exif=exif)
+    doc = json.loads((coco_root / "train.json").read_text())
+    doc["images"][0]["file_name"] = "a.jpg"
+    (coco_root / "train.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"})
+    assert re.search(r"load\.train: 1 image\(s\) are not the size their annotations give.*train\.json: a\.jpg is "
+                     r"40x50 pixels, annotated 50x40 \(EXIF orientation\?\)", caplog.text)
+
+
+def test_a_class_with_another_id_in_another_split_is_an_error(coco_root: Path) -> None:
+    """Splits exported separately may number classes differently: 'dog' became two labels, trained on one and
+    scored on the other (AP 0, no message)."""
+    doc = json.loads((coco_root / "train.json").read_text())
+    doc["categories"] = [{"id": 3, "name": "cat"}, {"id": 8, "name": "dog"}]
+    doc["annotations"] = [dict(a, category_id=8) for a in doc["annotations"] if a["category_id"] == 7]
+    (coco_root / "val.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"load\.val: category 'dog' has id 8 here but 7 in load\.train; give each "
+                                        r"class the same id in every split"):
+        load(format="coco", root=str(coco_root), train={"annotations": "train.json", "images": "imgs"},
+             val={"annotations": "val.json", "images": "imgs"})
+
+
 def test_coco_file_name_escaping_the_image_root_is_refused(coco_root: Path) -> None:
     doc = json.loads((coco_root / "train.json").read_text())
     doc["images"][0]["file_name"] = "../../etc/passwd"
@@ -376,6 +405,41 @@ def test_yolo_needs_class_names(yolo_root: Path) -> None:
         load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
     records, cats, *_ = load(format="yolo", root=str(yolo_root), classes=["x", "y"], train={"images": "images/train"})
     assert cats.names == ["x", "y"]
+
+
+def test_yolo_data_yaml_names_mapping_keys_are_the_class_ids(yolo_root: Path) -> None:
+    (yolo_root / "classes.txt").unlink()
+    (yolo_root / "data.yaml").write_text("names: {1: box, 0: ball}\n")
+    records, cats, *_ = load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    assert cats.names == ["ball", "box"]
+    # a gap would shift every later class onto the wrong name
+    (yolo_root / "data.yaml").write_text("names: {0: ball, 2: box}\n")
+    with pytest.raises(DataError, match=r"data\.yaml: names: keys must be the class ids 0\.\.1 \(got 0, 2\)"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    (yolo_root / "data.yaml").write_text("- ball\n- box\n")  # not a mapping: no names, as if absent
+    with pytest.raises(DataError, match="load.classes: required for yolo"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+
+
+def test_repeated_class_names_and_non_utf8_class_files_are_one_line_errors(yolo_root: Path, tmp_path: Path) -> None:
+    (yolo_root / "classes.txt").write_text("ball\n\nball\n")
+    with pytest.raises(DataError, match=r"classes\.txt:3: class name 'ball' again \(first on line 1\)"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    (yolo_root / "classes.txt").write_bytes(b"ball\nb\xe4ll\n")
+    with pytest.raises(DataError, match=r"classes\.txt:2: not UTF-8 text \(byte 0xe4\)"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    (yolo_root / "classes.txt").unlink()
+    (yolo_root / "data.yaml").write_text("names: [ball, box, ball]\n")
+    with pytest.raises(DataError, match=r"data\.yaml: names: class name 'ball' appears twice"):
+        load(format="yolo", root=str(yolo_root), train={"images": "images/train"})
+    with pytest.raises(ValueError, match=r"class name 'ball' appears twice"):
+        LoadConfig(format="coco", root=str(tmp_path), train="t.json", classes=["ball", "box", "ball"])
+
+
+def test_voc_list_file_that_is_not_utf8_names_file_and_line(voc_root: Path) -> None:
+    (voc_root / "ImageSets" / "Main" / "train.txt").write_bytes(b"001\n00\xe92\n")
+    with pytest.raises(DataError, match=r"train\.txt:2: not UTF-8 text"):
+        load(format="voc", root=str(voc_root), train="ImageSets/Main/train.txt")
 
 
 # ----------------------------------------------------------------------------- dataset / augment
