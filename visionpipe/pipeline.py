@@ -381,8 +381,10 @@ def stage_predict(ctx: RunContext) -> dict[str, Any]:
                                       f"{', '.join(RESERVED_DIRS)}", ("predict", "out"))
     model_path = ctx.outputs.get("onnx") or (ctx.run_dir / "checkpoints" / "best.pt")
     backend, metadata = open_backend(str(model_path), device=cfg.device, streams=cfg.streams)  # None: sized for predict
+    # shard 0/1: under torchrun only the main process runs this stage, and it predicts every input
+    # (left to the environment, RANK/WORLD_SIZE would make it write shard 0 of N and stop)
     opts = {**options, "batch_size": cfg.batch_size, "save_images": cfg.save_images,
-            "workers": cfg.workers, "decode": cfg.decode}
+            "workers": cfg.workers, "decode": cfg.decode, "shard": "0/1"}
     task_cls = ctx.manager.task(metadata["task"])
     # the stage owns its folder: predictions of another model or with other options are started over
     summary = run_predict(task_cls, backend, metadata, cfg.source, out_dir, opts, on_change="restart")

@@ -102,8 +102,8 @@ def test_collectives_and_shards_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path, tiny_pipeline):
-    p = tiny_pipeline(epochs=3, extra="evaluate: {split: val}\n")
+def test_ddp_two_cpu_processes(tmp_path, tiny_pipeline, color_data):
+    p = tiny_pipeline(epochs=3, extra="evaluate: {split: val}\npredict: {source: %s}\n" % (color_data / "val"))
     torchrun("run", str(p), "--set", "train.batch_size=4", cwd=tmp_path)
     runs = sorted((tmp_path / "runs").iterdir())
     assert [r.name for r in runs] == ["tiny"], "one run folder, written by rank 0 only"
@@ -115,6 +115,9 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_pipeline):
     log = (run / "run.log").read_text()
     assert [log.count(f"epoch {e}/3 ") for e in (1, 2, 3)] == [1, 1, 1], "only rank 0 logs to run.log"
     assert (run / "model.onnx").is_file()
+    n_val = sum(1 for f in (color_data / "val").rglob("*") if f.is_file())
+    # the predict stage runs on rank 0 only and predicts every input (it used to write shard 0 of 2 and stop)
+    assert len((run / "predictions" / "predictions.jsonl").read_text().splitlines()) == n_val
     ddp = json.loads((run / "metrics.json").read_text())
 
     # single process, same global batch (2 ranks x 4 = 8)
