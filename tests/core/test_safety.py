@@ -40,6 +40,21 @@ def test_pickled_objects_are_refused_with_the_reason_and_no_unsafe_advice(tmp_pa
     assert "posix.system" in message and "weights_only=False" not in message and "\n" not in message
 
 
+class Plain:
+    """An ordinary class: its pickled instance is refused as an unsupported global (torch words it differently)."""
+
+
+def test_a_pickled_plain_object_is_refused_as_such_without_torchs_advice(tmp_path):
+    p = tmp_path / "plain.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": Plain()}, p)
+    with pytest.raises(VisionpipeError) as e:
+        load_checkpoint(p)
+    message = str(e.value)
+    assert message.startswith(f"{p}: refused: it holds pickled Python objects, which are never loaded (")
+    assert "Plain" in message and "weights_only" not in message and "safe_globals" not in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("content", [b"not a zip", b"101\n", b"\x08\x07onnx-ish protobuf"])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
     p = tmp_path / "broken.pt"
