@@ -201,6 +201,19 @@ def test_outputs_cannot_overwrite_the_runs_own_files(tiny_pipeline, tmp_path, se
     assert (tmp_path / "run" / "checkpoints" / "best.pt").read_bytes() == b"weights"
 
 
+@pytest.mark.parametrize("sets, what", [
+    (["export.file=../elsewhere.onnx"], "export.file '../elsewhere.onnx' resolves to"),
+    (["predict.out=../../preds", "predict.source=data/val"], "predict.out '../../preds' resolves to"),
+])
+def test_outputs_outside_the_run_folder_are_refused_before_training(tiny_pipeline, tmp_path, sets, what):
+    args = ["run", str(tiny_pipeline()), "--run-dir", "run"]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_cli(*args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and what in proc.stderr and "outside its root" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists(), "refused only after training"
+
+
 def test_a_run_name_that_is_the_output_folder_is_refused(tiny_pipeline, tmp_path):
     proc = run_cli("run", str(tiny_pipeline()), "--set", "name=.", "--set", f"output={tmp_path / 'runs'}",
                    "--set", "stages=[load]", cwd=tmp_path, check=False)
