@@ -138,7 +138,8 @@ def export(
     source: Annotated[Path, typer.Argument(help="A run folder (uses checkpoints/best.pt) or a .pt checkpoint.")],
     format: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
-    out_file: Annotated[Path | None, typer.Option("--out", help="Output file (default: <run>/model.onnx).")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output file (default: <run>/model.onnx; "
+                                                                   "next to a .pt that is not in a run's checkpoints/).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Max abs difference allowed in the parity check.")] = 1e-3,
     quantize: Annotated[str | None, typer.Option("--quantize", help="Also write an int8 model (<out>.int8.onnx) "
                                                     "and compare its accuracy with fp32 on the validation set.")] = None,
@@ -171,7 +172,8 @@ def export(
     except VisionpipeError as e:
         logging.getLogger(__name__).warning("training data not available (%s); parity uses synthetic inputs", e)
     spec = task.export_spec(model, data, state.get("info", {}), 4)
-    target = out_file or ((source if source.is_dir() else ckpt.parent.parent) / "model.onnx")
+    run_dir = source if source.is_dir() else ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    target = out_file or run_dir / "model.onnx"
     report = export_onnx(spec, target, opset=opset, tolerance=tolerance)
     out.print(f"exported {target} (parity max abs diff {report['max_abs_diff']:.2e})", soft_wrap=True)
     if quantize:

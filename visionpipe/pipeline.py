@@ -488,6 +488,14 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None, *, run_di
         os.chdir(here)
 
 
+def _check_outputs_stay_in(run_path: Path, cfg: PipelineConfig, stages: list[str]) -> None:
+    """Refuse an export.file or predict.out that leaves the run folder before any stage runs, not after training."""
+    if "export" in stages and cfg.export is not None:
+        resolve_under(run_path, cfg.export.file, what="export.file")
+    if "predict" in stages and cfg.predict is not None:
+        resolve_under(run_path, cfg.predict.out, what="predict.out")
+
+
 def _run(path: str | None, overrides: list[str] | None, manager: PluginManager, *, run_dir: str | None = None,
          resume: Path | None = None, prev: dict[str, Any] | None = None, invoked_in: str | None = None) -> RunContext:
     """Run a pipeline file, or continue the run folder ``resume`` (an absolute path, in its working directory)."""
@@ -524,6 +532,7 @@ def _run(path: str | None, overrides: list[str] | None, manager: PluginManager, 
 
     task = manager.task(cfg.task)(cfg, None)
     stages = cfg.stage_list(loaded.extra_stages)
+    _check_outputs_stay_in(run_path, cfg, stages)
     # until the checkpoint is known to fit the (overridden) config, a resume rewrites nothing in the run folder
     pending = resume_state is not None and ("train" in stages or "model" in stages)
     ctx = RunContext(loaded, task, manager, run_path, device, resume_state=resume_state, resume_pending=pending)

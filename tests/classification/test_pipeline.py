@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,15 @@ def test_export_command_from_run_folder(finished_run, tmp_path):
     assert out.is_file() and "parity max abs diff" in proc.stdout
     import onnx
     assert onnx.load(str(out)).opset_import[0].version == 18
+
+
+def test_export_of_a_checkpoint_outside_a_run_writes_next_to_it(finished_run, tmp_path):
+    """Without --out, a .pt that is not in a run's checkpoints/ gets its model.onnx beside it, not two levels up."""
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    shutil.copy(finished_run[0] / "checkpoints" / "best.pt", keep / "best.pt")
+    run_cli("export", str(keep / "best.pt"), cwd=finished_run[1])
+    assert (keep / "model.onnx").is_file() and not (tmp_path / "model.onnx").exists()
 
 
 def test_resume_of_finished_run_says_so(finished_run):

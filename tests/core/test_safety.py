@@ -40,6 +40,21 @@ def test_pickled_objects_are_refused_with_the_reason_and_no_unsafe_advice(tmp_pa
     assert "posix.system" in message and "weights_only=False" not in message and "\n" not in message
 
 
+class Plain:
+    """An ordinary class: its pickled instance is refused as an unsupported global (torch words it differently)."""
+
+
+def test_a_pickled_plain_object_is_refused_as_such_without_torchs_advice(tmp_path):
+    p = tmp_path / "plain.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": Plain()}, p)
+    with pytest.raises(VisionpipeError) as e:
+        load_checkpoint(p)
+    message = str(e.value)
+    assert message.startswith(f"{p}: refused: it holds pickled Python objects, which are never loaded (")
+    assert "Plain" in message and "weights_only" not in message and "safe_globals" not in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("content", [b"not a zip", b"101\n", b"\x08\x07onnx-ish protobuf"])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
     p = tmp_path / "broken.pt"
@@ -184,6 +199,19 @@ def test_outputs_cannot_overwrite_the_runs_own_files(tiny_pipeline, tmp_path, se
     proc = run_cli(*args, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "best.pt").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("sets, what", [
+    (["export.file=../elsewhere.onnx"], "export.file '../elsewhere.onnx' resolves to"),
+    (["predict.out=../../preds", "predict.source=data/val"], "predict.out '../../preds' resolves to"),
+])
+def test_outputs_outside_the_run_folder_are_refused_before_training(tiny_pipeline, tmp_path, sets, what):
+    args = ["run", str(tiny_pipeline()), "--run-dir", "run"]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_cli(*args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and what in proc.stderr and "outside its root" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists(), "refused only after training"
 
 
 def test_a_run_name_that_is_the_output_folder_is_refused(tiny_pipeline, tmp_path):

@@ -55,6 +55,48 @@ def test_dynamic_int8_keeps_metadata(tiny_model, tmp_path):
     assert out[1].shape == (2, 2)
 
 
+def _export_text_model(path, cell: str | None) -> None:
+    """A tiny model like charrnn's: [recurrent layer or Linear] -> head Linear (logits) -> Softmax (probs)."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.GRU(8, 16, batch_first=True) if cell == "gru" else nn.Linear(8, 16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.body(x)[0][:, -1] if cell == "gru" else torch.relu(self.body(x))
+            logits = self.head(h)
+            return logits, logits.softmax(-1)
+
+    x = torch.zeros(2, 5, 8) if cell == "gru" else torch.zeros(2, 8)
+    torch.onnx.export(Net().eval(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["logits", "probs"])
+
+
+def test_dynamic_int8_keeps_the_head_in_float(tmp_path):
+    """onnxruntime turns Gemm into MatMul + Add before quantizing; the head must still stay float."""
+    _export_text_model(tmp_path / "mlp.onnx", None)
+    report = quantize_onnx(tmp_path / "mlp.onnx", tmp_path / "mlp.int8.onnx", "dynamic")
+    nodes = onnx.load(str(tmp_path / "mlp.int8.onnx")).graph.node
+    quantized = [n.name for n in nodes if n.op_type == "MatMulInteger"]
+    assert len(quantized) == 1 and "head" not in quantized[0], quantized  # the hidden layer only
+    assert any(n.op_type in ("MatMul", "Gemm") and "head" in n.name for n in nodes)
+    assert any("head" in name for name in report["kept_float"])
+
+
+def test_dynamic_int8_of_a_gru_model_says_it_stays_float(tmp_path, caplog):
+    """onnxruntime has no int8 GRU: with the head kept float nothing is quantized, and the log says so."""
+    _export_text_model(tmp_path / "gru.onnx", "gru")
+    with caplog.at_level("WARNING"):
+        quantize_onnx(tmp_path / "gru.onnx", tmp_path / "gru.int8.onnx", "dynamic")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "gru.int8.onnx")).graph.node}
+    assert "MatMulInteger" not in ops and "GRU" in ops
+    assert "stays float" in caplog.text
+
+
 def test_static_without_calibration_images_is_an_error(tiny_model, tmp_path):
     with pytest.raises(VisionpipeError, match="calibration"):
         quantize_onnx(tiny_model.onnx, tmp_path / "q.onnx", "static", iter([]))

@@ -40,9 +40,12 @@ _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the 
 def _why_not_loadable(e: Exception) -> str:
     """torch.load's refusal in one line: the unpickler's reason, without torch's advice to turn the check off."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    reasons = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines
-               if not ln.startswith(_TORCH_ADVICE)]
+    # torch >= 2.6 numbers its advice "(1) ... weights_only=False ...", "(2) ..."; the unpickler's own line says why
+    unpickler = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines
+                 if ln.startswith("WeightsUnpickler error:")]
+    reasons = unpickler or [ln for ln in lines if not ln.startswith((*_TORCH_ADVICE, "(1)", "(2)"))]
     reason = next((r for r in reasons if r), None) or (lines[0] if lines else type(e).__name__)
+    reason = reason.split(". Please use `torch.serialization")[0]  # drop the advice to allowlist the class
     if "global" in reason.lower():  # a class or function reference: the file holds pickled Python objects
         return (f"refused: it holds pickled Python objects, which are never loaded ({reason.rstrip('.')}); "
                 "a checkpoint must hold only tensors and plain data (e.g. a state dict)")

@@ -24,7 +24,8 @@ from visionpipe.io import atomic_path
 
 log = logging.getLogger(__name__)
 MODES = ("static", "dynamic")
-DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization")
+# what onnxruntime quantizes dynamically (it has no int8 GRU or RNN: those stay float)
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "EmbedLayerNormalization")
 Feed = dict[str, np.ndarray]
 
 
@@ -97,16 +98,19 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
         onnx.save(model, str(pre))
         exclude = _excluded_nodes(model)
         out_tmp = Path(tmp) / "int8.onnx"
+        # dynamic mode: onnxruntime first rewrites each Gemm as <name>_MatMul + <name>_Add; exclude those too
+        gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
+        to_exclude = exclude + [f"{n}{suffix}" for n in exclude if n in gemms for suffix in ("_MatMul", "_Add")]
         try:
             if mode == "dynamic":
                 # Conv through dynamic quantization becomes ConvInteger, several times slower than fp32 on
                 # CPU; dynamic mode is for MatMul/Gemm/recurrent models, static for convolutional ones.
                 found = {n.op_type for n in model.graph.node if n.name not in exclude} & set(DYNAMIC_OPS)
                 if not found:
-                    log.warning("dynamic quantization: no MatMul/Gemm/recurrent layers outside the head; the model "
-                                "stays float (for convolutional models use --calibration static)")
+                    log.warning("dynamic quantization: no MatMul/Gemm/LSTM layers outside the head (onnxruntime has no int8 "
+                                "GRU or RNN); the model stays float (for convolutional models use --calibration static)")
                 quantize_dynamic(str(pre), str(out_tmp), per_channel=per_channel, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=exclude, op_types_to_quantize=list(DYNAMIC_OPS))
+                                 nodes_to_exclude=to_exclude, op_types_to_quantize=list(DYNAMIC_OPS))
             else:
                 if calibration is None:
                     raise VisionpipeError("static quantization needs calibration images")
