@@ -7,7 +7,14 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from visionpipe.augment import TransformList
-from visionpipe.config import Block, EvaluateConfig, OptimizerConfig, PipelineConfig, TrainConfig
+from visionpipe.config import (
+    Block,
+    EvaluateConfig,
+    OptimizerConfig,
+    PipelineConfig,
+    PredictConfig,
+    TrainConfig,
+)
 
 
 class GenerateConfig(Block):
@@ -93,6 +100,20 @@ class DcganEvaluateConfig(EvaluateConfig):
     grid: int = Field(64, gt=0, le=256, description="samples in the per-epoch grid PNG")
 
 
+NO_SOURCE = "dcgan generates images from noise and reads no source: remove it (predict.options num and seed pick the samples)"
+
+
+class DcganPredictConfig(PredictConfig):
+    """The predict block: samples from noise, so no ``source``."""
+
+    @field_validator("source")
+    @classmethod
+    def _no_source(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError(NO_SOURCE)
+        return v
+
+
 class DcganConfig(PipelineConfig):
     """A DCGAN pipeline file."""
 
@@ -102,3 +123,4 @@ class DcganConfig(PipelineConfig):
     model: DcganModelConfig | None = None
     train: DcganTrainConfig | None = None
     evaluate: DcganEvaluateConfig | None = None
+    predict: DcganPredictConfig | None = None

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from visionpipe.engine import distributed as dist
 from visionpipe.engine.checkpoint import load_weights_file
 from visionpipe.engine.optim import build_optimizer
-from visionpipe.errors import ConfigError, VisionpipeError
+from visionpipe.errors import ConfigError, UsageError, VisionpipeError
 from visionpipe.io import write_json
 from visionpipe.task import DataBundle, ExportSpec, OptimizationContext, PredictOption, Task
 from visionpipe_plugins.dcgan.config import (
@@ -218,8 +218,9 @@ class DcganTask(Task):
     def predict(cls, backend: Any, metadata: dict[str, Any], source: str | None, out_dir: Path,
                 options: dict[str, Any]) -> dict[str, Any]:
         """Write ``num`` PNG samples generated from ``seed`` (``--num N --seed S``); no SOURCE needed."""
-        if source:
-            log.warning("dcgan predict generates images from noise; SOURCE %s is ignored", source)
+        if source:  # was ignored with a warning; a flag the task does not take is an error too
+            raise UsageError(f"SOURCE {source}: dcgan predict generates images from noise and takes no SOURCE; "
+                             f"use --num N --seed S")
         num = int(options.get("num") or 16)
         seed = int(options.get("seed") or 0)
         if num < 1:

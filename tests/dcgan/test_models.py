@@ -72,3 +72,18 @@ def test_one_step_updates_both_networks_with_their_own_optimizer(tmp_path, gan_i
     assert not torch.equal(before["generator.main.0.weight"], after["generator.main.0.weight"])
     assert not torch.equal(before["discriminator.main.0.weight"], after["discriminator.main.0.weight"])
     assert all(p.requires_grad for p in model.discriminator.parameters())  # restored after the G step
+
+
+def test_a_predict_source_is_refused_at_validate_and_on_the_command_line(tmp_path, gan_images):
+    p = write_pipeline(tmp_path / "gan.yaml", gan_images)
+    p.write_text(p.read_text() + f"predict: {{source: {gan_images}}}\n")
+    proc = run_cli("validate", str(p), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "predict.source: dcgan generates images from noise and reads no source" in " ".join(proc.stderr.split())
+
+    from visionpipe.errors import UsageError
+    from visionpipe_plugins.dcgan.task import DcganTask
+
+    with pytest.raises(UsageError, match="takes no SOURCE; use --num N --seed S"):  # before the model is touched
+        DcganTask.predict(None, {"nz": 8}, str(gan_images), tmp_path / "out", {"num": 2})
+    assert not (tmp_path / "out").exists()
