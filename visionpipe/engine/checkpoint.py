@@ -40,9 +40,11 @@ _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the 
 def _why_not_loadable(e: Exception) -> str:
     """torch.load's refusal in one line: the unpickler's reason, without torch's advice to turn the check off."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    reasons = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines
+    unpickler = [ln for ln in lines if ln.startswith("WeightsUnpickler error:")]  # torch >= 2.6 numbers its advice
+    reasons = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in unpickler or lines
                if not ln.startswith(_TORCH_ADVICE)]
     reason = next((r for r in reasons if r), None) or (lines[0] if lines else type(e).__name__)
+    reason = reason.split(" Please use `torch.serialization")[0]  # advice to allow-list the class
     if "global" in reason.lower():  # a class or function reference: the file holds pickled Python objects
         return (f"refused: it holds pickled Python objects, which are never loaded ({reason.rstrip('.')}); "
                 "a checkpoint must hold only tensors and plain data (e.g. a state dict)")
