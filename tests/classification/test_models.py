@@ -1,0 +1,43 @@
+"""Local pretrained weights for the classifier: the backbone must fit, the head is replaced and said so."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torchvision
+
+from visionpipe.errors import VisionpipeError
+from visionpipe_plugins.classification.models import build_classifier
+
+
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict[str, torch.Tensor]:
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def test_torchvision_state_dict_fills_the_backbone_and_the_head_is_replaced(tmp_path, resnet18_state, caplog):
+    p = tmp_path / "r18.pth"
+    torch.save(resnet18_state, p)
+    with caplog.at_level(logging.INFO):
+        model = build_classifier("resnet18", 3, str(p))
+    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], resnet18_state["layer4.1.conv2.weight"])
+    assert model.fc.out_features == 3
+    assert "its head fc (1000 outputs) is replaced by a new, untrained 3-class one" in caplog.text
+
+
+@pytest.mark.parametrize("change", ["reshape", "extra"])
+def test_weights_of_another_architecture_are_refused(tmp_path, resnet18_state, change):
+    sd = dict(resnet18_state)
+    if change == "reshape":  # a bottleneck block's 1x1 conv where resnet18 has a 3x3 (like resnet50's)
+        sd["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    else:  # one block more per stage, like resnet34's: every shared tensor fits, some are left over
+        sd.update({k.replace("layer1.1.", "layer1.2."): v for k, v in resnet18_state.items() if "layer1.1." in k})
+    p = tmp_path / "other.pth"
+    torch.save(sd, p)
+    with pytest.raises(VisionpipeError) as e:
+        build_classifier("resnet18", 3, str(p))
+    message = str(e.value)
+    assert message.startswith(f"model.weights: {p} does not fit resnet18: ") and "another architecture" in message
+    assert ("layer1.0.conv1.weight" if change == "reshape" else "layer1.2.conv1.weight") in message
