@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from visionpipe import hookspecs
-from visionpipe.errors import VisionpipeError, unknown_name
+from visionpipe.errors import VisionpipeError, did_you_mean, unknown_name
 
 if TYPE_CHECKING:
     from visionpipe.pipeline import StageDef
@@ -56,20 +56,30 @@ class PluginManager:
         return self.pm.hook
 
     def load_entry_points(self) -> None:
-        """Import every entry point of the group; record failures instead of raising."""
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        """Import every entry point of the group; record failures instead of raising.
+
+        visionpipe's own plugins load first, so a third-party plugin that takes one of their names
+        (plugin, task or stage) is the one refused."""
+        def builtin_first(ep: Any) -> tuple[bool, str]:
+            dist = getattr(ep, "dist", None)
+            return (dist is None or dist.name != "visionpipe", ep.name)
+
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=builtin_first):
             dist = getattr(ep, "dist", None)
             info = PluginInfo(ep.name, f"{ep.group}.{ep.name} = {ep.value}",
                               dist.name if dist else None, dist.version if dist else None)
+            taken = next((i for i in self.infos if i.name == ep.name and not i.error), None)
             self.infos.append(info)
-            if self.pm.get_plugin(ep.name) is not None:
-                info.error = "another plugin with this name is already registered"
+            if taken is not None:
+                info.error = (f"the plugin name '{ep.name}' is already taken by {_origin(taken)}; "
+                              "rename this entry point")
                 continue
             try:
                 plugin = ep.load()
                 self.register(plugin, ep.name, info)
             except Exception as e:  # a broken plugin must not break the tool
-                info.error = f"{type(e).__name__}: {e}"
+                why = str(e) if isinstance(e, VisionpipeError) else f"{type(e).__name__}: {e}"
+                info.error = " ".join(why.split())  # one line (pluggy's messages have several)
                 info.detail = traceback.format_exc()
                 log.debug("plugin %s failed to load", ep.name, exc_info=True)
 
@@ -80,7 +90,6 @@ class PluginManager:
         self.pm.register(plugin, name=name)
         if info is None:
             info = PluginInfo(name or str(plugin), "<registered in code>", None, None)
-            self.infos.append(info)
         self._tasks = self._stages = None
         # collect what this plugin registers right away, so failures are attributed to it
         try:
@@ -92,11 +101,42 @@ class PluginManager:
             hook = getattr(plugin, "visionpipe_register_stages", None)
             if hook:
                 hook(register=stages.append)
+            problem = self._clash(plugin, info, tasks, stages)
         except Exception as e:
             self.pm.unregister(plugin)
             raise e
+        if problem:
+            self.pm.unregister(plugin)
+            raise VisionpipeError(problem)
+        if not any(i is info for i in self.infos):
+            self.infos.append(info)
         info.tasks = [t.name for t in tasks]
         info.stages = [s.name for s in stages]
+
+    def _clash(self, plugin: object, info: PluginInfo, tasks: list, stages: list) -> str | None:
+        """Why ``plugin`` cannot be registered next to the plugins already loaded (None: it can)."""
+        from visionpipe.config import STAGE_ORDER, PipelineConfig
+
+        specs = [n for n in dir(hookspecs) if n.startswith("visionpipe_")]
+        for attr in dir(plugin):
+            opts = self.pm.parse_hookimpl_opts(plugin, attr)
+            if opts is not None and attr not in specs and not opts.get("optionalhook"):
+                return f"{attr} is not a visionpipe hook{did_you_mean(attr, specs)} (hooks: {', '.join(specs)})"
+        loaded = [i for i in self.infos if i is not info and not i.error]
+        for t in tasks:
+            name = getattr(t, "name", None)
+            if not isinstance(name, str) or not name:
+                return f"task class {getattr(t, '__name__', t)!r} has no name (set the class attribute `name`)"
+            owner = next((i for i in loaded if name in i.tasks), None)
+            if owner is not None:
+                return f"task '{name}' is already registered by {_origin(owner)}; give this plugin's task another name"
+        for st in stages:
+            if st.name in STAGE_ORDER or st.name in PipelineConfig.model_fields:
+                return f"stage '{st.name}' has the name of a built-in stage or pipeline key; give it another name"
+            owner = next((i for i in loaded if st.name in i.stages), None)
+            if owner is not None:
+                return f"stage '{st.name}' is already registered by {_origin(owner)}; give this plugin's stage another name"
+        return None
 
     @property
     def tasks(self) -> dict[str, type[Task]]:
@@ -145,13 +185,25 @@ class PluginManager:
         """The task class called ``name``; a clear error listing valid names otherwise."""
         tasks = self.tasks
         if name not in tasks:
-            raise VisionpipeError(unknown_name("task", name, tasks))
+            raise VisionpipeError(self.unknown_task(name))
         return tasks[name]
+
+    def unknown_task(self, name: str) -> str:
+        """The message for a task no loaded plugin registers; names the plugins that failed to load."""
+        failed = [f"{i.name} ({i.error})" for i in self.infos if i.error]
+        return unknown_name("task", name, self.tasks) + (
+            f"; plugins that failed to load: {'; '.join(failed)} (see `visionpipe plugins`)" if failed else "")
 
     def owner_of(self, task: str) -> str | None:
         """Name of the plugin that registered ``task``."""
         _ = self.tasks  # loads plugins on first use
         return self._task_owner.get(task)
+
+
+def _origin(info: PluginInfo) -> str:
+    """``plugin 'x' (dist 1.0)`` for messages."""
+    dist = f" ({info.distribution} {info.version or ''})".replace(" )", ")") if info.distribution else ""
+    return f"plugin '{info.name}'{dist}"
 
 
 _manager: PluginManager | None = None

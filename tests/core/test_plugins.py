@@ -19,9 +19,10 @@ BUILTIN_TASKS = {"classification"}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """Install the test plugin packages (hello: adds a task; broken: fails to import) into a site folder."""
+    """Install the test plugin packages (hello: adds a task; broken: fails to import; clash: takes built-in
+    names) into a site folder."""
     target = tmp_path_factory.mktemp("site")
-    for pkg in ("visionpipe-hello", "visionpipe-broken"):
+    for pkg in ("visionpipe-hello", "visionpipe-broken", "visionpipe-clash"):
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                         "--no-index", "--target", str(target), str(PLUGINS / pkg)], check=True,
                        capture_output=True, text=True)
@@ -53,13 +54,61 @@ def test_registering_a_class_instead_of_an_instance_is_refused():
 
 def test_plugins_command_lists_third_party_and_broken(site, tmp_path):
     proc = run_cli("plugins", "--json", cwd=tmp_path, env=env_with(site))
-    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    rows = {r["name"]: r for r in json.loads(proc.stdout) if r["distribution"] != "visionpipe-clash"}
     assert rows["hello"]["tasks"] == ["hello"] and rows["hello"]["version"] == "0.3.0"
     assert rows["hello"]["distribution"] == "visionpipe-hello" and rows["hello"]["error"] is None
     assert "ModuleNotFoundError" in rows["broken"]["error"] and "foo_backend_that_does_not_exist" in rows["broken"]["error"]
     assert rows["classification"]["error"] is None and "resnet18" in rows["classification"]["models"]
     table = run_cli("plugins", cwd=tmp_path, env=env_with(site)).stdout
     assert "hello" in table and "failed" in table
+
+
+def test_a_plugin_taking_a_builtin_name_is_refused_and_the_builtin_still_works(site, tmp_path, tiny_pipeline):
+    proc = run_cli("plugins", "--json", cwd=tmp_path, env=env_with(site))
+    rows = [r for r in json.loads(proc.stdout) if r["name"] in ("classification", "zclash")]
+    builtin, taken_name, taken_task = sorted(rows, key=lambda r: (r["distribution"] != "visionpipe", r["name"]))
+    assert builtin["distribution"] == "visionpipe" and builtin["error"] is None and builtin["tasks"] == ["classification"]
+    assert taken_name["distribution"] == "visionpipe-clash" and taken_name["error"] == (
+        "the plugin name 'classification' is already taken by plugin 'classification' (visionpipe 0.1.0); "
+        "rename this entry point")
+    assert taken_task["name"] == "zclash" and taken_task["error"] == (
+        "task 'classification' is already registered by plugin 'classification' (visionpipe 0.1.0); "
+        "give this plugin's task another name")
+    proc = run_cli("validate", str(tiny_pipeline()), cwd=tmp_path, env=env_with(site))
+    assert "image_size" in proc.stdout  # the built-in task's schema, not the impostor's
+    proc = run_cli("validate", str(tiny_pipeline()), "--set", "task=hello_typo", cwd=tmp_path, env=env_with(site),
+                   check=False)
+    assert proc.returncode == 2 and "plugins that failed to load: broken (ModuleNotFoundError" in proc.stderr
+
+
+def test_hooks_that_are_no_hooks_and_clashing_stages_are_refused_naming_the_plugin():
+    from visionpipe import hookimpl
+    from visionpipe.errors import VisionpipeError
+    from visionpipe.pipeline import StageDef
+
+    class Typo:
+        @hookimpl
+        def visionpipe_register_task(self, register):  # missing "s": would silently register nothing
+            pass
+
+    class Report:
+        def __init__(self, stage: str) -> None:
+            self.stage = stage
+
+        @hookimpl
+        def visionpipe_register_stages(self, register):
+            register(StageDef(self.stage, lambda ctx, block: None))
+
+    mgr = PluginManager(load_entry_points=False)
+    with pytest.raises(VisionpipeError, match="visionpipe_register_task is not a visionpipe hook; "
+                                              "did you mean 'visionpipe_register_tasks'"):
+        mgr.register(Typo(), "typo")
+    with pytest.raises(VisionpipeError, match="stage 'export' has the name of a built-in stage"):
+        mgr.register(Report("export"), "exporter")
+    mgr.register(Report("report"), "first")
+    with pytest.raises(VisionpipeError, match="stage 'report' is already registered by plugin 'first'"):
+        mgr.register(Report("report"), "second")
+    assert [i.name for i in mgr.infos] == ["first"] and list(mgr.stages) == ["report"]
 
 
 def test_broken_plugin_does_not_break_other_commands(site, tmp_path, tiny_pipeline):
