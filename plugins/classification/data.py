@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from visionpipe.augment import SeededAugmentation
 from visionpipe.errors import DataError, VisionpipeError
-from visionpipe.images import BadImage, check_images, is_image_file, read_image
+from visionpipe.images import BadImage, check_images, iter_image_files, read_image
 from visionpipe.paths import resolve_under
 from visionpipe.synthetic import (
     SHAPES,
@@ -54,7 +54,7 @@ def scan_imagefolder(folder: Path) -> dict[str, list[str]]:
         raise DataError(f"{folder}: split folder not found")
     out: dict[str, list[str]] = {}
     for cls_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(str(p) for p in cls_dir.rglob("*") if p.is_file() and is_image_file(p))
+        files = sorted(str(p) for p in iter_image_files(cls_dir))  # as predict finds them: hidden ones left out
         if files:
             out[cls_dir.name] = files
     if not out:

@@ -1,0 +1,34 @@
+"""ImageFolder trees as users have them: nested folders, hidden and non-image files, a one-image class."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from visionpipe.images import iter_image_files
+from visionpipe_plugins.classification.config import LoadConfig
+from visionpipe_plugins.classification.data import load_splits
+
+
+def _png(path, value=120):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((16, 16, 3), value, np.uint8))
+
+
+def test_training_and_predict_find_the_same_files_and_leave_hidden_ones_out(tmp_path):
+    train = tmp_path / "train"
+    for i in range(4):
+        _png(train / "cat" / f"{i}.png")
+    _png(train / "cat" / "nested" / "deep" / "n.png")
+    _png(train / "dog" / "only.png")
+    _png(train / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")  # a copy of 0.png
+    (train / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (train / "cat" / "notes.txt").write_text("not an image")
+    _png(train / ".trash" / "x.png")  # a hidden folder is no class
+    samples, classes, bad, _ = load_splits(LoadConfig(root=str(tmp_path), val=None, val_split=0.5), seed=0)
+    assert classes == ["cat", "dog"] and bad == []
+    found = sorted(p for split in samples.values() for p, _ in split)
+    assert found == sorted(str(p) for p in iter_image_files(train))  # what `visionpipe predict train` reads
+    assert len(found) == 6 and not any("/." in p for p in found)
+    assert [p for p, _ in samples["train"] if "dog" in p] == [str(train / "dog" / "only.png")]  # kept for training
+    assert len(samples["val"]) == 2  # half of cat's five, none of dog's single image
