@@ -205,6 +205,12 @@ def stage_model(ctx: RunContext) -> dict[str, Any]:
     ctx.model = ctx.task.build_model(ctx.info).to(ctx.device)
     if ctx.resume_state is not None:
         _check_resumable_model(ctx)
+    elif dist.is_main():  # local weights files the model started from decide the result: hashed like the data
+        block = ctx.cfg.model
+        for key, value in (dict(block) if isinstance(block, (BaseModel, dict)) else {}).items():
+            path = Path(value).expanduser() if "weights" in key and isinstance(value, str) else None
+            if path is not None and path.is_file():
+                ctx.manifest["inputs"][str(value)] = sha256_file(path)
     n = sum(p.numel() for p in ctx.model.parameters())
     trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     log.info("model: %s parameters (%s trainable)", f"{n:,}", f"{trainable:,}")

@@ -41,3 +41,17 @@ def test_weights_of_another_architecture_are_refused(tmp_path, resnet18_state, c
     message = str(e.value)
     assert message.startswith(f"model.weights: {p} does not fit resnet18: ") and "another architecture" in message
     assert ("layer1.0.conv1.weight" if change == "reshape" else "layer1.2.conv1.weight") in message
+
+
+def test_the_weights_file_a_run_starts_from_is_hashed_into_its_manifest(tmp_path, tiny_pipeline, resnet18_state):
+    import hashlib
+    import json
+
+    from tests.conftest import run_cli
+
+    p = tmp_path / "r18.pth"
+    torch.save(resnet18_state, p)
+    run_cli("run", str(tiny_pipeline()), "--set", f"model.weights={p}", "--set", "stages=[load,model]",
+            "--run-dir", "out", cwd=tmp_path)
+    inputs = json.loads((tmp_path / "out" / "manifest.json").read_text())["inputs"]
+    assert inputs[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest()
