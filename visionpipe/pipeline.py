@@ -101,8 +101,8 @@ class RunContext:
         raise VisionpipeError(f"the '{name}' stage needs a '{name}:' block in the pipeline")
 
     def path(self, *parts: str) -> Path:
-        """A path inside the run folder (parent folders created)."""
-        p = self.run_dir.joinpath(*parts)
+        """A path inside the run folder (parent folders created); one that would leave it is refused."""
+        p = resolve_under(self.run_dir, Path(*parts), what="run-folder path")
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 

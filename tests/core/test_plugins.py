@@ -158,3 +158,32 @@ def test_a_plugin_whose_commands_hook_fails_leaves_the_others_commands(tmp_path)
     infos = {i.name: i for i in mgr.infos}
     assert infos["zbad"].warnings == ["visionpipe_register_commands failed: RuntimeError: cmd boom"]
     assert infos["zbad"].error is None and infos["good"].warnings == []
+
+
+def test_a_plugin_stage_writes_in_the_run_folder_and_cannot_leave_it(tmp_path, tiny_pipeline):
+    """README's `report:` stage example, with a file name that would leave the run folder."""
+    from pydantic import Field
+
+    from visionpipe import hookimpl
+    from visionpipe.config import Block
+    from visionpipe.errors import UnsafePathError
+    from visionpipe.io import write_json
+    from visionpipe.pipeline import StageDef, run_pipeline
+
+    class ReportConfig(Block):
+        file: str = Field("report.json")
+
+    class Report:
+        @hookimpl
+        def visionpipe_register_stages(self, register):
+            register(StageDef("report", lambda ctx, block: write_json(ctx.path(block.file), {"ok": 1}), ReportConfig))
+
+    mgr = PluginManager()
+    mgr.register(Report(), "report")
+    pipeline = tiny_pipeline(extra="report: {file: sub/report.json}\n")
+    run_pipeline(str(pipeline), ["stages=[report]"], run_dir=str(tmp_path / "ok"), manager=mgr)
+    assert json.loads((tmp_path / "ok" / "sub" / "report.json").read_text()) == {"ok": 1}
+    with pytest.raises(UnsafePathError, match=r"run-folder path '../escape.json' resolves to .*, outside its root"):
+        run_pipeline(str(pipeline), ["stages=[report]", "report.file=../escape.json"], run_dir=str(tmp_path / "bad"),
+                     manager=mgr)
+    assert not (tmp_path / "escape.json").exists()
