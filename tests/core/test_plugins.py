@@ -187,3 +187,38 @@ def test_a_plugin_stage_writes_in_the_run_folder_and_cannot_leave_it(tmp_path, t
         run_pipeline(str(pipeline), ["stages=[report]", "report.file=../escape.json"], run_dir=str(tmp_path / "bad"),
                      manager=mgr)
     assert not (tmp_path / "escape.json").exists()
+
+
+def test_a_task_missing_a_required_method_is_named_in_the_error(tmp_path):
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from visionpipe import hookimpl
+    from visionpipe.pipeline import run_pipeline
+    from visionpipe.task import DataBundle, Task
+
+    class Mini(Task):  # no evaluate(), though it has a val split
+        name = "mini"
+
+        def build_data(self):
+            x = torch.rand(8, 4)
+            return DataBundle(train=TensorDataset(x, x.sum(1, keepdim=True)), val=TensorDataset(x, x.sum(1, keepdim=True)))
+
+        def build_model(self, info, *, pretrained=True):
+            return nn.Linear(4, 1)
+
+        def training_step(self, model, batch):
+            return {"loss": nn.functional.mse_loss(model(batch[0]), batch[1])}
+
+    class Plugin:
+        @hookimpl
+        def visionpipe_register_tasks(self, register):
+            register(Mini)
+
+    mgr = PluginManager(load_entry_points=False)
+    mgr.register(Plugin(), "mini")
+    p = tmp_path / "mini.yaml"
+    p.write_text("task: mini\ndevice: cpu\nload: {}\nmodel: {}\ntrain: {epochs: 1, batch_size: 4}\n")
+    with pytest.raises(NotImplementedError, match=r"^task mini does not implement Task.evaluate\(\) \(validation"):
+        run_pipeline(str(p), run_dir=str(tmp_path / "run"), manager=mgr)
