@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 from dataclasses import dataclass, field
@@ -110,6 +111,11 @@ class PluginManager:
             raise VisionpipeError(problem)
         if not any(i is info for i in self.infos):
             self.infos.append(info)
+        for caller in self.pm.get_hookcallers(plugin) or []:  # a failing hook names its plugin
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper) \
+                        and caller.name not in _REGISTRATION_HOOKS:
+                    impl.function = _naming(impl.function, info, caller.name)
         info.tasks = [t.name for t in tasks]
         info.stages = [s.name for s in stages]
 
@@ -198,6 +204,28 @@ class PluginManager:
         """Name of the plugin that registered ``task``."""
         _ = self.tasks  # loads plugins on first use
         return self._task_owner.get(task)
+
+
+_REGISTRATION_HOOKS = ("visionpipe_register_tasks", "visionpipe_register_stages", "visionpipe_register_commands")
+
+
+class PluginHookError(VisionpipeError):
+    """A plugin's hook implementation raised something other than a VisionpipeError."""
+
+
+def _naming(function: Any, info: PluginInfo, hook: str) -> Any:
+    """``function``, with an unexpected exception turned into one line naming the plugin and the hook."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except VisionpipeError:
+            raise
+        except Exception as e:
+            raise PluginHookError(f"{_origin(info)}: {hook} failed: {type(e).__name__}: {e}") from e
+
+    return call
 
 
 def _origin(info: PluginInfo) -> str:

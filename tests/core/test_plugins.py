@@ -222,3 +222,21 @@ def test_a_task_missing_a_required_method_is_named_in_the_error(tmp_path):
     p.write_text("task: mini\ndevice: cpu\nload: {}\nmodel: {}\ntrain: {epochs: 1, batch_size: 4}\n")
     with pytest.raises(NotImplementedError, match=r"^task mini does not implement Task.evaluate\(\) \(validation"):
         run_pipeline(str(p), run_dir=str(tmp_path / "run"), manager=mgr)
+
+
+def test_a_hook_that_raises_is_one_line_naming_its_plugin(tmp_path, tiny_pipeline):
+    from visionpipe import hookimpl
+    from visionpipe.manager import PluginHookError
+    from visionpipe.pipeline import run_pipeline
+
+    class Notifier:
+        @hookimpl
+        def visionpipe_before_run(self, ctx):
+            raise KeyError("SLACK_TOKEN")
+
+    mgr = PluginManager()
+    mgr.register(Notifier(), "notifier")
+    with pytest.raises(PluginHookError) as e:
+        run_pipeline(str(tiny_pipeline()), ["stages=[load]"], run_dir=str(tmp_path / "run"), manager=mgr)
+    assert str(e.value) == "plugin 'notifier': visionpipe_before_run failed: KeyError: 'SLACK_TOKEN'"
+    assert isinstance(e.value.__cause__, KeyError)  # --debug shows the plugin's traceback
