@@ -164,4 +164,10 @@ def load_splits(cfg: Any, seed: int) -> tuple[dict[str, list[Sample]], list[str]
         bad_all += bad
         for b in bad:
             log.warning("skipping unreadable image %s: %s", b.path, b.reason)
+    for split, items in samples.items():
+        have = {label for _, label in items}
+        missing = [c for i, c in enumerate(classes) if i not in have]
+        if missing and items:
+            log.warning("load.%s: no image of class %s in this split%s", split, ", ".join(map(repr, missing[:10])),
+                        " (the model cannot learn it)" if split == "train" else " (its metrics leave it out)")
     return samples, classes, bad_all, inputs

@@ -15,7 +15,7 @@ def _png(path, value=120):
     cv2.imwrite(str(path), np.full((16, 16, 3), value, np.uint8))
 
 
-def test_training_and_predict_find_the_same_files_and_leave_hidden_ones_out(tmp_path):
+def test_training_and_predict_find_the_same_files_and_leave_hidden_ones_out(tmp_path, caplog):
     train = tmp_path / "train"
     for i in range(4):
         _png(train / "cat" / f"{i}.png")
@@ -32,3 +32,4 @@ def test_training_and_predict_find_the_same_files_and_leave_hidden_ones_out(tmp_
     assert len(found) == 6 and not any("/." in p for p in found)
     assert [p for p, _ in samples["train"] if "dog" in p] == [str(train / "dog" / "only.png")]  # kept for training
     assert len(samples["val"]) == 2  # half of cat's five, none of dog's single image
+    assert "load.val: no image of class 'dog' in this split (its metrics leave it out)" in caplog.text

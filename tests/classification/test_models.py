@@ -1,4 +1,4 @@
-"""Local pretrained weights for the classifier: the backbone must fit, the head is replaced and said so."""
+"""The classifier: local pretrained weights (the backbone must fit, the head is replaced and said so); metrics."""
 
 from __future__ import annotations
 
@@ -55,3 +55,20 @@ def test_the_weights_file_a_run_starts_from_is_hashed_into_its_manifest(tmp_path
             "--run-dir", "out", cwd=tmp_path)
     inputs = json.loads((tmp_path / "out" / "manifest.json").read_text())["inputs"]
     assert inputs[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_macro_f1_leaves_out_a_class_absent_from_the_split_and_never_predicted():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from visionpipe_plugins.classification.config import ClassificationConfig
+    from visionpipe_plugins.classification.task import ClassificationTask
+
+    class Split(TensorDataset):
+        classes = ["cat", "dog", "zebra"]  # zebra's single image went to train
+
+    y = torch.tensor([0, 0, 1, 1])
+    ds = Split(torch.nn.functional.one_hot(y, 3).float(), y)
+    task = ClassificationTask(ClassificationConfig())
+    res = task.evaluate(torch.nn.Identity(), DataLoader(ds, batch_size=2), device=torch.device("cpu"))
+    assert res["top1"] == 1.0 and res["macro_f1"] == 1.0  # not 2/3
+    assert res["f1/cat"] == res["f1/dog"] == 1.0
