@@ -202,7 +202,8 @@ def stage_augment(ctx: RunContext) -> dict[str, Any]:
 
 def stage_model(ctx: RunContext) -> dict[str, Any]:
     """Build the model (and load local weights if the model block names them)."""
-    ctx.model = ctx.task.build_model(ctx.info).to(ctx.device)
+    restores = ctx.resume_state is not None and "train" in ctx.cfg.stage_list(ctx.loaded.extra_stages)
+    ctx.model = ctx.task.build_model(ctx.info, pretrained=not restores).to(ctx.device)  # a resume needs no weights file
     if ctx.resume_state is not None:
         _check_resumable_model(ctx)
     elif dist.is_main():  # local weights files the model started from decide the result: hashed like the data

@@ -72,3 +72,19 @@ def test_macro_f1_leaves_out_a_class_absent_from_the_split_and_never_predicted()
     res = task.evaluate(torch.nn.Identity(), DataLoader(ds, batch_size=2), device=torch.device("cpu"))
     assert res["top1"] == 1.0 and res["macro_f1"] == 1.0  # not 2/3
     assert res["f1/cat"] == res["f1/dog"] == 1.0
+
+
+@pytest.mark.slow
+def test_resume_does_not_need_the_weights_file_the_run_started_from(tmp_path, tiny_pipeline, resnet18_state):
+    import json
+
+    from tests.conftest import run_cli
+
+    p = tmp_path / "downloads" / "r18.pth"
+    p.parent.mkdir()
+    torch.save(resnet18_state, p)
+    pipeline = str(tiny_pipeline(epochs=1))
+    run_cli("run", pipeline, "--set", f"model.weights={p}", "--run-dir", "out", cwd=tmp_path)
+    p.unlink()  # the checkpoint holds every weight now
+    run_cli("run", "--resume", "out", "--set", "train.epochs=2", cwd=tmp_path)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train/epochs"] == 2
