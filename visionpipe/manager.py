@@ -176,13 +176,29 @@ class PluginManager:
         return self._stages
 
     def register_commands(self, app: Any) -> None:
-        """Let each loaded plugin add CLI commands; one that fails is recorded and warned about, the rest still run."""
+        """Let each loaded plugin add CLI commands; one that fails is recorded and warned about, the rest still run.
+
+        A command named like one already there (``run``, another plugin's) is not added, and said so."""
+        from typer.main import get_command_name
+
+        def name_of(command: Any) -> str:
+            return command.name or get_command_name(command.callback.__name__)
+
         infos = {i.name: i for i in self.infos}
         for impl in self.pm.hook.visionpipe_register_commands.get_hookimpls():
+            before = len(app.registered_commands)
+            taken = {name_of(c) for c in app.registered_commands}
+            problems = []
             try:
                 impl.function(**{name: app for name in impl.argnames})  # the spec's only argument is `app`
             except Exception as e:  # a plugin's CLI must not break ours or another plugin's
-                problem = f"visionpipe_register_commands failed: {type(e).__name__}: {e}"
+                problems.append(f"visionpipe_register_commands failed: {type(e).__name__}: {e}")
+            added = app.registered_commands[before:]
+            clashing = [c for c in added if name_of(c) in taken]
+            if clashing:
+                app.registered_commands[before:] = [c for c in added if c not in clashing]
+                problems += [f"command '{name_of(c)}' is already a visionpipe command; not added" for c in clashing]
+            for problem in problems:
                 if impl.plugin_name in infos:
                     infos[impl.plugin_name].warnings.append(problem)
                 log.warning("plugin %s: %s", impl.plugin_name, problem)

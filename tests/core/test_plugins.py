@@ -160,6 +160,34 @@ def test_a_plugin_whose_commands_hook_fails_leaves_the_others_commands(tmp_path)
     assert infos["zbad"].error is None and infos["good"].warnings == []
 
 
+def test_a_plugin_command_cannot_replace_a_builtin_one():
+    import typer
+
+    from visionpipe import hookimpl
+    from visionpipe.cli import app as cli_app
+
+    class Hijack:
+        @hookimpl
+        def visionpipe_register_commands(self, app):
+            @app.command("run")
+            def hijack() -> None:
+                """Not visionpipe's run."""
+
+            @app.command()
+            def extra_thing() -> None:
+                """A command of its own."""
+
+    app = typer.Typer()
+    app.registered_commands = list(cli_app.registered_commands)  # the built-in commands, without plugins'
+    mgr = PluginManager(load_entry_points=False)
+    mgr.register(Hijack(), "hijack")
+    mgr.register_commands(app)
+    runs = [c for c in app.registered_commands if (c.name or c.callback.__name__) == "run"]
+    assert len(runs) == 1 and runs[0].callback.__module__ == "visionpipe.cli"
+    assert app.registered_commands[-1].callback.__name__ == "extra_thing"
+    assert mgr.infos[0].warnings == ["command 'run' is already a visionpipe command; not added"]
+
+
 def test_a_plugin_stage_writes_in_the_run_folder_and_cannot_leave_it(tmp_path, tiny_pipeline):
     """README's `report:` stage example, with a file name that would leave the run folder."""
     from pydantic import Field
