@@ -140,7 +140,12 @@ def load_splits(cfg: Any, seed: int) -> tuple[dict[str, list[Sample]], list[str]
         if name is None:
             continue
         if cfg.format == "imagefolder":
-            tree = scan_imagefolder(resolve_under(root, name, what=f"load.{split}"))
+            folder = resolve_under(root, name, what=f"load.{split}")
+            if not folder.is_dir():
+                hint = {"train": " (class folders right under root, without split folders: set train: '.' and "
+                                 "val_split: 0.2)", "val": " (or set val_split: 0.2 to hold out part of train)"}
+                raise DataError(f"load.{split}: {folder}: split folder not found{hint.get(split, '')}")
+            tree = scan_imagefolder(folder)
             raw[split] = [(p, c) for c, ps in tree.items() for p in ps]
         else:
             csv_path = resolve_under(root, name, what=f"load.{split}")

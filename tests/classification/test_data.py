@@ -33,3 +33,20 @@ def test_training_and_predict_find_the_same_files_and_leave_hidden_ones_out(tmp_
     assert [p for p, _ in samples["train"] if "dog" in p] == [str(train / "dog" / "only.png")]  # kept for training
     assert len(samples["val"]) == 2  # half of cat's five, none of dog's single image
     assert "load.val: no image of class 'dog' in this split (its metrics leave it out)" in caplog.text
+
+
+def test_class_folders_right_under_root_with_a_val_fraction(tmp_path):
+    import pytest
+
+    from visionpipe.errors import DataError
+
+    for c in ("cat", "dog"):
+        for i in range(4):
+            _png(tmp_path / c / f"{i}.png")
+    with pytest.raises(DataError, match=r"^load.train: .*/train: split folder not found \(class folders right under "
+                                        r"root, without split folders: set train: '.' and val_split: 0.2\)"):
+        load_splits(LoadConfig(root=str(tmp_path)), seed=0)
+    cfg = LoadConfig(root=str(tmp_path), train=".", val_split=0.25)  # no `val: null` needed with val_split
+    assert cfg.val is None
+    samples, classes, _, _ = load_splits(cfg, seed=0)
+    assert classes == ["cat", "dog"] and len(samples["train"]) == 6 and len(samples["val"]) == 2
