@@ -129,10 +129,16 @@ class PluginManager:
             if opts is not None and attr not in specs and not opts.get("optionalhook"):
                 return f"{attr} is not a visionpipe hook{did_you_mean(attr, specs)} (hooks: {', '.join(specs)})"
         loaded = [i for i in self.infos if i is not info and not i.error]
+        from visionpipe.task import Task
+
         for t in tasks:
             name = getattr(t, "name", None)
+            if not (isinstance(t, type) and issubclass(t, Task)):
+                return f"registered {t!r}, which is not a subclass of visionpipe.task.Task"
             if not isinstance(name, str) or not name:
                 return f"task class {getattr(t, '__name__', t)!r} has no name (set the class attribute `name`)"
+            if not (isinstance(t.Config, type) and issubclass(t.Config, PipelineConfig)):
+                return f"task '{name}': Config must be a subclass of visionpipe.config.PipelineConfig (got {t.Config!r})"
             owner = next((i for i in loaded if name in i.tasks), None)
             if owner is not None:
                 return f"task '{name}' is already registered by {_origin(owner)}; give this plugin's task another name"

@@ -85,6 +85,7 @@ def test_hooks_that_are_no_hooks_and_clashing_stages_are_refused_naming_the_plug
     from visionpipe import hookimpl
     from visionpipe.errors import VisionpipeError
     from visionpipe.pipeline import StageDef
+    from visionpipe.task import Task
 
     class Typo:
         @hookimpl
@@ -99,7 +100,23 @@ def test_hooks_that_are_no_hooks_and_clashing_stages_are_refused_naming_the_plug
         def visionpipe_register_stages(self, register):
             register(StageDef(self.stage, lambda ctx, block: None))
 
+    class Registers:
+        def __init__(self, task) -> None:
+            self.task = task
+
+        @hookimpl
+        def visionpipe_register_tasks(self, register):
+            register(self.task)
+
+    class PlainConfig(Task):
+        name = "plain"
+        Config = dict
+
     mgr = PluginManager(load_entry_points=False)
+    with pytest.raises(VisionpipeError, match=r"task 'plain': Config must be a subclass of visionpipe.config.PipelineConfig"):
+        mgr.register(Registers(PlainConfig), "plain")
+    with pytest.raises(VisionpipeError, match=r"registered <function .*>, which is not a subclass of visionpipe.task.Task"):
+        mgr.register(Registers(lambda: None), "func")
     with pytest.raises(VisionpipeError, match="visionpipe_register_task is not a visionpipe hook; "
                                               "did you mean 'visionpipe_register_tasks'"):
         mgr.register(Typo(), "typo")
