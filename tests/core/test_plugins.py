@@ -33,6 +33,12 @@ def env_with(site: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
 
+def test_plugins_help_says_how_to_write_one(tmp_path):
+    text = " ".join(run_cli("plugins", "--help", cwd=tmp_path, env={"COLUMNS": "200"}).stdout.split())
+    assert "entry point in the 'visionpipe' group" in text and "visionpipe/hookspecs.py" in text
+    assert "required methods: build_data, build_model, training_step, evaluate" in text
+
+
 def test_builtin_tasks_come_from_entry_points():
     mgr = PluginManager()
     by_name = {i.name: i for i in mgr.infos}
