@@ -291,3 +291,21 @@ def test_a_hook_that_raises_is_one_line_naming_its_plugin(tmp_path, tiny_pipelin
         run_pipeline(str(tiny_pipeline()), ["stages=[load]"], run_dir=str(tmp_path / "run"), manager=mgr)
     assert str(e.value) == "plugin 'notifier': visionpipe_before_run failed: KeyError: 'SLACK_TOKEN'"
     assert isinstance(e.value.__cause__, KeyError)  # --debug shows the plugin's traceback
+
+
+def test_the_example_plugin_prepares_images_the_same_in_training_and_predict(tmp_path):
+    """README points plugin authors at visionpipe-hello: its training and predict inputs must agree."""
+    import cv2
+    import numpy as np
+
+    sys.path.insert(0, str(PLUGINS / "visionpipe-hello"))
+    try:
+        from visionpipe_hello import HelloPredictor, Images
+    finally:
+        sys.path.pop(0)
+    img = np.zeros((40, 64, 3), np.uint8)
+    img[:, 32:] = 255  # dark left half, bright right half: a crop and a resize differ
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    x, y = Images([str(tmp_path / "a.png")], 16)[0]
+    inputs, _ = HelloPredictor({"size": 16}, {}).preprocess(img)
+    assert np.array_equal(x.numpy(), inputs["images"]) and abs(float(y) - 0.5) < 0.05
