@@ -88,3 +88,10 @@ def test_resume_does_not_need_the_weights_file_the_run_started_from(tmp_path, ti
     p.unlink()  # the checkpoint holds every weight now
     run_cli("run", "--resume", "out", "--set", "train.epochs=2", cwd=tmp_path)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train/epochs"] == 2
+
+
+def test_weights_saved_from_a_ddp_or_compiled_model_load(tmp_path, resnet18_state):
+    p = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in resnet18_state.items()}}, p)
+    model = build_classifier("resnet18", 3, str(p))
+    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], resnet18_state["layer4.1.conv2.weight"])
