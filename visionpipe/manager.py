@@ -122,15 +122,15 @@ class PluginManager:
     def _clash(self, plugin: object, info: PluginInfo, tasks: list, stages: list) -> str | None:
         """Why ``plugin`` cannot be registered next to the plugins already loaded (None: it can)."""
         from visionpipe.config import STAGE_ORDER, PipelineConfig
+        from visionpipe.task import Task
 
         specs = [n for n in dir(hookspecs) if n.startswith("visionpipe_")]
         for attr in dir(plugin):
             opts = self.pm.parse_hookimpl_opts(plugin, attr)
-            if opts is not None and attr not in specs and not opts.get("optionalhook"):
-                return f"{attr} is not a visionpipe hook{did_you_mean(attr, specs)} (hooks: {', '.join(specs)})"
+            hook = (opts or {}).get("specname") or attr
+            if opts is not None and hook not in specs and not opts.get("optionalhook"):
+                return f"{hook} is not a visionpipe hook{did_you_mean(hook, specs)} (hooks: {', '.join(specs)})"
         loaded = [i for i in self.infos if i is not info and not i.error]
-        from visionpipe.task import Task
-
         for t in tasks:
             name = getattr(t, "name", None)
             if not (isinstance(t, type) and issubclass(t, Task)):

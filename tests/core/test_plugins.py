@@ -128,10 +128,16 @@ def test_hooks_that_are_no_hooks_and_clashing_stages_are_refused_naming_the_plug
         mgr.register(Typo(), "typo")
     with pytest.raises(VisionpipeError, match="stage 'export' has the name of a built-in stage"):
         mgr.register(Report("export"), "exporter")
+    class Renamed:
+        @hookimpl(specname="visionpipe_on_epoch_end")  # pluggy's way to implement a hook under another name
+        def log_epoch(self, ctx, epoch, metrics):
+            pass
+
+    mgr.register(Renamed(), "renamed")
     mgr.register(Report("report"), "first")
     with pytest.raises(VisionpipeError, match="stage 'report' is already registered by plugin 'first'"):
         mgr.register(Report("report"), "second")
-    assert [i.name for i in mgr.infos] == ["first"] and list(mgr.stages) == ["report"]
+    assert [i.name for i in mgr.infos] == ["renamed", "first"] and list(mgr.stages) == ["report"]
 
 
 def test_broken_plugin_does_not_break_other_commands(site, tmp_path, tiny_pipeline):
