@@ -67,6 +67,8 @@ def test_plugins_command_lists_third_party_and_broken(site, tmp_path):
     assert rows["classification"]["error"] is None and "resnet18" in rows["classification"]["models"]
     table = run_cli("plugins", cwd=tmp_path, env=env_with(site)).stdout
     assert "hello" in table and "failed" in table
+    debug = run_cli("--debug", "plugins", cwd=tmp_path, env=env_with(site)).stderr
+    assert "plugin broken: Traceback" in debug and "import foo_backend_that_does_not_exist" in debug
 
 
 def test_a_plugin_taking_a_builtin_name_is_refused_and_the_builtin_still_works(site, tmp_path, tiny_pipeline):
