@@ -203,7 +203,9 @@ def stage_augment(ctx: RunContext) -> dict[str, Any]:
 def stage_model(ctx: RunContext) -> dict[str, Any]:
     """Build the model (and load local weights if the model block names them)."""
     restores = ctx.resume_state is not None and "train" in ctx.cfg.stage_list(ctx.loaded.extra_stages)
-    ctx.model = ctx.task.build_model(ctx.info, pretrained=not restores).to(ctx.device)  # a resume needs no weights file
+    # a resume needs no weights file (the checkpoint has every weight); a task may leave out `pretrained` otherwise
+    model = ctx.task.build_model(ctx.info, pretrained=False) if restores else ctx.task.build_model(ctx.info)
+    ctx.model = model.to(ctx.device)
     if ctx.resume_state is not None:
         _check_resumable_model(ctx)
     elif dist.is_main():  # local weights files the model started from decide the result: hashed like the data
