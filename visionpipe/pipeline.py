@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -202,9 +203,12 @@ def stage_augment(ctx: RunContext) -> dict[str, Any]:
 
 def stage_model(ctx: RunContext) -> dict[str, Any]:
     """Build the model (and load local weights if the model block names them)."""
+    params = inspect.signature(ctx.task.build_model).parameters  # a task may leave out `pretrained`
+    takes_pretrained = "pretrained" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     restores = ctx.resume_state is not None and "train" in ctx.cfg.stage_list(ctx.loaded.extra_stages)
-    # a resume needs no weights file (the checkpoint has every weight); a task may leave out `pretrained` otherwise
-    model = ctx.task.build_model(ctx.info, pretrained=False) if restores else ctx.task.build_model(ctx.info)
+    # a resume needs no weights file: the checkpoint has every weight
+    model = ctx.task.build_model(ctx.info, pretrained=False) if restores and takes_pretrained \
+        else ctx.task.build_model(ctx.info)
     ctx.model = model.to(ctx.device)
     if ctx.resume_state is not None:
         _check_resumable_model(ctx)
