@@ -317,3 +317,39 @@ def test_the_example_plugin_prepares_images_the_same_in_training_and_predict(tmp
     x, y = Images([str(tmp_path / "a.png")], 16)[0]
     inputs, _ = HelloPredictor({"size": 16}, {}).preprocess(img)
     assert np.array_equal(x.numpy(), inputs["images"]) and abs(float(y) - 0.5) < 0.05
+
+
+def test_a_task_whose_build_model_takes_no_pretrained_runs_and_resumes(tmp_path):
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from visionpipe import hookimpl
+    from visionpipe.pipeline import run_pipeline
+    from visionpipe.task import DataBundle, Task
+
+    class Old(Task):
+        name = "old"
+
+        def build_data(self):
+            x = torch.rand(8, 4)
+            return DataBundle(train=TensorDataset(x, x.sum(1, keepdim=True)))
+
+        def build_model(self, info):  # written before `pretrained` existed
+            return nn.Linear(4, 1)
+
+        def training_step(self, model, batch):
+            return {"loss": nn.functional.mse_loss(model(batch[0]), batch[1])}
+
+    class Plugin:
+        @hookimpl
+        def visionpipe_register_tasks(self, register):
+            register(Old)
+
+    mgr = PluginManager(load_entry_points=False)
+    mgr.register(Plugin(), "old")
+    p = tmp_path / "old.yaml"
+    p.write_text("task: old\ndevice: cpu\nload: {}\nmodel: {}\ntrain: {epochs: 1, batch_size: 4}\n")
+    run_pipeline(str(p), run_dir=str(tmp_path / "run"), manager=mgr)
+    ctx = run_pipeline(None, ["train.epochs=2"], resume=str(tmp_path / "run"), manager=mgr)
+    assert ctx.metrics["train/epochs"] == 2
