@@ -108,7 +108,10 @@ def validate(
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List loaded plugins, their versions and what each registers; broken ones with their error."""
+    """List loaded plugins, their versions and what each registers; broken ones with their error (--debug: traceback).
+
+    A plugin is a package with an entry point in the 'visionpipe' group naming a module of @visionpipe.hookimpl functions: the hooks are in visionpipe/hookspecs.py, the Task API (required methods: build_data, build_model, training_step, evaluate; export_spec and predictor for export and predict) in visionpipe/task.py. README: "Write your own task plugin".
+    """  # the paragraph is one line: --help keeps a docstring's line breaks
     from visionpipe.manager import get_manager
 
     mgr = get_manager()
@@ -131,6 +134,9 @@ def plugins(
                       f"[red]failed: {escape(r['error'])}[/]" if r["error"] else
                       f"[yellow]ok, but {escape('; '.join(r['warnings']))}[/]" if r["warnings"] else "[green]ok[/]")
     out.print(table)
+    for info in mgr.infos:  # --debug: where in its code a plugin failed
+        if _state["debug"] and info.error and info.detail:
+            err.print(f"plugin {info.name}: {info.detail}", markup=False, highlight=False)
 
 
 @app.command()

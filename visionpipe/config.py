@@ -480,8 +480,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raise source.error(f"must be a task name, not {task_name!r} (see `visionpipe plugins`)", ("task",))
     tasks = manager.tasks
     if task_name not in tasks:
-        from visionpipe.errors import unknown_name
-        raise source.error(unknown_name("task", task_name, tasks), ("task",))
+        raise source.error(manager.unknown_task(task_name), ("task",))
     task_cls = tasks[task_name]
     model_cls: type[PipelineConfig] = task_cls.Config
 

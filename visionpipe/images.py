@@ -214,9 +214,11 @@ def check_images(paths: Iterable[str], workers: int | None = None) -> tuple[list
 
 
 def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
-    """Image files under ``root`` recursively, in sorted (deterministic) order."""
+    """Image files under ``root`` recursively, in sorted (deterministic) order.
+
+    Hidden files and folders (``.``-names: ``._x.jpg`` resource forks, ``.ipynb_checkpoints``) are left out."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = Path(dirpath)
         for name in sorted(filenames):
             if is_image_file(name) and not name.startswith("."):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from visionpipe import hookspecs
-from visionpipe.errors import VisionpipeError, unknown_name
+from visionpipe.errors import VisionpipeError, did_you_mean, unknown_name
 
 if TYPE_CHECKING:
     from visionpipe.pipeline import StageDef
@@ -56,20 +57,30 @@ class PluginManager:
         return self.pm.hook
 
     def load_entry_points(self) -> None:
-        """Import every entry point of the group; record failures instead of raising."""
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        """Import every entry point of the group; record failures instead of raising.
+
+        visionpipe's own plugins load first, so a third-party plugin that takes one of their names
+        (plugin, task or stage) is the one refused."""
+        def builtin_first(ep: Any) -> tuple[bool, str]:
+            dist = getattr(ep, "dist", None)
+            return (dist is None or dist.name != "visionpipe", ep.name)
+
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=builtin_first):
             dist = getattr(ep, "dist", None)
             info = PluginInfo(ep.name, f"{ep.group}.{ep.name} = {ep.value}",
                               dist.name if dist else None, dist.version if dist else None)
+            taken = next((i for i in self.infos if i.name == ep.name and not i.error), None)
             self.infos.append(info)
-            if self.pm.get_plugin(ep.name) is not None:
-                info.error = "another plugin with this name is already registered"
+            if taken is not None:
+                info.error = (f"the plugin name '{ep.name}' is already taken by {_origin(taken)}; "
+                              "rename this entry point")
                 continue
             try:
                 plugin = ep.load()
                 self.register(plugin, ep.name, info)
             except Exception as e:  # a broken plugin must not break the tool
-                info.error = f"{type(e).__name__}: {e}"
+                why = str(e) if isinstance(e, VisionpipeError) else f"{type(e).__name__}: {e}"
+                info.error = " ".join(why.split())  # one line (pluggy's messages have several)
                 info.detail = traceback.format_exc()
                 log.debug("plugin %s failed to load", ep.name, exc_info=True)
 
@@ -80,7 +91,6 @@ class PluginManager:
         self.pm.register(plugin, name=name)
         if info is None:
             info = PluginInfo(name or str(plugin), "<registered in code>", None, None)
-            self.infos.append(info)
         self._tasks = self._stages = None
         # collect what this plugin registers right away, so failures are attributed to it
         try:
@@ -92,11 +102,53 @@ class PluginManager:
             hook = getattr(plugin, "visionpipe_register_stages", None)
             if hook:
                 hook(register=stages.append)
+            problem = self._clash(plugin, info, tasks, stages)
         except Exception as e:
             self.pm.unregister(plugin)
             raise e
+        if problem:
+            self.pm.unregister(plugin)
+            raise VisionpipeError(problem)
+        if not any(i is info for i in self.infos):
+            self.infos.append(info)
+        for caller in self.pm.get_hookcallers(plugin) or []:  # a failing hook names its plugin
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper) \
+                        and caller.name not in _REGISTRATION_HOOKS:
+                    impl.function = _naming(impl.function, info, caller.name)
         info.tasks = [t.name for t in tasks]
         info.stages = [s.name for s in stages]
+
+    def _clash(self, plugin: object, info: PluginInfo, tasks: list, stages: list) -> str | None:
+        """Why ``plugin`` cannot be registered next to the plugins already loaded (None: it can)."""
+        from visionpipe.config import STAGE_ORDER, PipelineConfig
+        from visionpipe.task import Task
+
+        specs = [n for n in dir(hookspecs) if n.startswith("visionpipe_")]
+        for attr in dir(plugin):
+            opts = self.pm.parse_hookimpl_opts(plugin, attr)
+            hook = (opts or {}).get("specname") or attr
+            if opts is not None and hook not in specs and not opts.get("optionalhook"):
+                return f"{hook} is not a visionpipe hook{did_you_mean(hook, specs)} (hooks: {', '.join(specs)})"
+        loaded = [i for i in self.infos if i is not info and not i.error]
+        for t in tasks:
+            name = getattr(t, "name", None)
+            if not (isinstance(t, type) and issubclass(t, Task)):
+                return f"registered {t!r}, which is not a subclass of visionpipe.task.Task"
+            if not isinstance(name, str) or not name:
+                return f"task class {getattr(t, '__name__', t)!r} has no name (set the class attribute `name`)"
+            if not (isinstance(t.Config, type) and issubclass(t.Config, PipelineConfig)):
+                return f"task '{name}': Config must be a subclass of visionpipe.config.PipelineConfig (got {t.Config!r})"
+            owner = next((i for i in loaded if name in i.tasks), None)
+            if owner is not None:
+                return f"task '{name}' is already registered by {_origin(owner)}; give this plugin's task another name"
+        for st in stages:
+            if st.name in STAGE_ORDER or st.name in PipelineConfig.model_fields:
+                return f"stage '{st.name}' has the name of a built-in stage or pipeline key; give it another name"
+            owner = next((i for i in loaded if st.name in i.stages), None)
+            if owner is not None:
+                return f"stage '{st.name}' is already registered by {_origin(owner)}; give this plugin's stage another name"
+        return None
 
     @property
     def tasks(self) -> dict[str, type[Task]]:
@@ -130,13 +182,29 @@ class PluginManager:
         return self._stages
 
     def register_commands(self, app: Any) -> None:
-        """Let each loaded plugin add CLI commands; one that fails is recorded and warned about, the rest still run."""
+        """Let each loaded plugin add CLI commands; one that fails is recorded and warned about, the rest still run.
+
+        A command named like one already there (``run``, another plugin's) is not added, and said so."""
+        from typer.main import get_command_name
+
+        def name_of(command: Any) -> str:
+            return command.name or get_command_name(command.callback.__name__)
+
         infos = {i.name: i for i in self.infos}
         for impl in self.pm.hook.visionpipe_register_commands.get_hookimpls():
+            before = len(app.registered_commands)
+            taken = {name_of(c) for c in app.registered_commands}
+            problems = []
             try:
                 impl.function(**{name: app for name in impl.argnames})  # the spec's only argument is `app`
             except Exception as e:  # a plugin's CLI must not break ours or another plugin's
-                problem = f"visionpipe_register_commands failed: {type(e).__name__}: {e}"
+                problems.append(f"visionpipe_register_commands failed: {type(e).__name__}: {e}")
+            added = app.registered_commands[before:]
+            clashing = [c for c in added if name_of(c) in taken]
+            if clashing:
+                app.registered_commands[before:] = [c for c in added if c not in clashing]
+                problems += [f"command '{name_of(c)}' is already a visionpipe command; not added" for c in clashing]
+            for problem in problems:
                 if impl.plugin_name in infos:
                     infos[impl.plugin_name].warnings.append(problem)
                 log.warning("plugin %s: %s", impl.plugin_name, problem)
@@ -145,13 +213,47 @@ class PluginManager:
         """The task class called ``name``; a clear error listing valid names otherwise."""
         tasks = self.tasks
         if name not in tasks:
-            raise VisionpipeError(unknown_name("task", name, tasks))
+            raise VisionpipeError(self.unknown_task(name))
         return tasks[name]
+
+    def unknown_task(self, name: str) -> str:
+        """The message for a task no loaded plugin registers; names the plugins that failed to load."""
+        failed = [f"{i.name} ({i.error})" for i in self.infos if i.error]
+        return unknown_name("task", name, self.tasks) + (
+            f"; plugins that failed to load: {'; '.join(failed)} (see `visionpipe plugins`)" if failed else "")
 
     def owner_of(self, task: str) -> str | None:
         """Name of the plugin that registered ``task``."""
         _ = self.tasks  # loads plugins on first use
         return self._task_owner.get(task)
+
+
+_REGISTRATION_HOOKS = ("visionpipe_register_tasks", "visionpipe_register_stages", "visionpipe_register_commands")
+
+
+class PluginHookError(VisionpipeError):
+    """A plugin's hook implementation raised something other than a VisionpipeError."""
+
+
+def _naming(function: Any, info: PluginInfo, hook: str) -> Any:
+    """``function``, with an unexpected exception turned into one line naming the plugin and the hook."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except VisionpipeError:
+            raise
+        except Exception as e:
+            raise PluginHookError(f"{_origin(info)}: {hook} failed: {type(e).__name__}: {e}") from e
+
+    return call
+
+
+def _origin(info: PluginInfo) -> str:
+    """``plugin 'x' (dist 1.0)`` for messages."""
+    dist = f" ({info.distribution} {info.version or ''})".replace(" )", ")") if info.distribution else ""
+    return f"plugin '{info.name}'{dist}"
 
 
 _manager: PluginManager | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -101,8 +102,8 @@ class RunContext:
         raise VisionpipeError(f"the '{name}' stage needs a '{name}:' block in the pipeline")
 
     def path(self, *parts: str) -> Path:
-        """A path inside the run folder (parent folders created)."""
-        p = self.run_dir.joinpath(*parts)
+        """A path inside the run folder (parent folders created); one that would leave it is refused."""
+        p = resolve_under(self.run_dir, Path(*parts), what="run-folder path")
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -202,9 +203,21 @@ def stage_augment(ctx: RunContext) -> dict[str, Any]:
 
 def stage_model(ctx: RunContext) -> dict[str, Any]:
     """Build the model (and load local weights if the model block names them)."""
-    ctx.model = ctx.task.build_model(ctx.info).to(ctx.device)
+    params = inspect.signature(ctx.task.build_model).parameters  # a task may leave out `pretrained`
+    takes_pretrained = "pretrained" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    restores = ctx.resume_state is not None and "train" in ctx.cfg.stage_list(ctx.loaded.extra_stages)
+    # a resume needs no weights file: the checkpoint has every weight
+    model = ctx.task.build_model(ctx.info, pretrained=False) if restores and takes_pretrained \
+        else ctx.task.build_model(ctx.info)
+    ctx.model = model.to(ctx.device)
     if ctx.resume_state is not None:
         _check_resumable_model(ctx)
+    elif dist.is_main():  # local weights files the model started from decide the result: hashed like the data
+        block = ctx.cfg.model
+        for key, value in (dict(block) if isinstance(block, (BaseModel, dict)) else {}).items():
+            path = Path(value).expanduser() if "weights" in key and isinstance(value, str) else None
+            if path is not None and path.is_file():
+                ctx.manifest["inputs"][str(value)] = sha256_file(path)
     n = sum(p.numel() for p in ctx.model.parameters())
     trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     log.info("model: %s parameters (%s trainable)", f"{n:,}", f"{trainable:,}")

@@ -104,11 +104,11 @@ class Predictor:
 
     def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
         """One decoded RGB uint8 image → (model inputs without batch axis, per-item state)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement Predictor.preprocess()")
 
     def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
         """One sample's outputs (batch axis removed) → a JSON-able record."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement Predictor.postprocess()")
 
     def draw(self, image: np.ndarray, record: dict[str, Any]) -> np.ndarray | None:
         """Optional picture of the prediction (``--save-images``); None if the task has none."""
@@ -170,7 +170,11 @@ ENGINE_PREDICT_OPTIONS: dict[str, PredictOption] = {
 
 
 class Task:
-    """Base class of every task. Subclasses set ``name`` and ``Config`` and fill in the hooks."""
+    """Base class of every task. Subclasses set ``name`` and ``Config`` and fill in the hooks.
+
+    Required: :meth:`build_data`, :meth:`build_model`, :meth:`training_step` (or, with
+    ``manual_optimization``, :meth:`train_step`) and :meth:`evaluate` (validation and the evaluate
+    stage); :meth:`export_spec` and :meth:`predictor` for export and predict. The rest have defaults."""
 
     name: ClassVar[str]
     Config: ClassVar[type[PipelineConfig]] = PipelineConfig
@@ -204,7 +208,7 @@ class Task:
 
         ``pretrained=False`` skips loading the model block's weights file (the caller loads a
         checkpoint right after)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"task {self.name} does not implement Task.build_model() (the model stage)")
 
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer (fine-tuning: smaller LR for the backbone)."""
@@ -217,11 +221,11 @@ class Task:
     # -- train -------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Forward one batch; return losses, with the total under ``"loss"``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"task {self.name} does not implement Task.training_step() (the train stage)")
 
     def train_step(self, model: nn.Module, batch: Any, opt: OptimizationContext) -> dict[str, float]:
         """Manual optimization: one full step over several optimizers; return logged values."""
-        raise NotImplementedError
+        raise NotImplementedError(f"task {self.name} sets manual_optimization but does not implement Task.train_step()")
 
     def device_images(self, ds: Dataset | None) -> DeviceImages | None:
         """(image path, label) pairs and the augment block of ``ds`` for ``train.decode: device``; None = unsupported.
@@ -241,7 +245,8 @@ class Task:
     def evaluate(self, model: nn.Module, loader: Any, *, device: torch.device,
                  out_dir: Path | None = None, epoch: int | None = None) -> dict[str, Any]:
         """Metrics on ``loader`` (keys without the split prefix). With ``out_dir``, also plots."""
-        raise NotImplementedError
+        raise NotImplementedError(f"task {self.name} does not implement Task.evaluate() (validation during training "
+                                  "and the evaluate stage)")
 
     # -- export / predict ----------------------------------------------------------------------
     def export_spec(self, model: nn.Module, data: DataBundle | None, info: dict[str, Any],

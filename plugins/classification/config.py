@@ -26,7 +26,8 @@ class LoadConfig(Block):
     format: Literal["imagefolder", "csv"] = Field("imagefolder", description="data layout")
     root: str = Field(description="dataset root; CSV paths and split folders are relative to it")
     train: str | None = Field("train", description="train split: a sub-folder (imagefolder) or a CSV file")
-    val: str | None = Field("val", description="validation split (folder or CSV); null to split from train")
+    val: str | None = Field("val", description="validation split (folder or CSV); null (implied by val_split) to "
+                                                "split from train")
     test: str | None = Field(None, description="optional test split")
     val_split: float = Field(0.0, ge=0, lt=1, description="fraction of train held out as val when val is null")
     classes: list[str] | None = Field(None, description="class names in label order; default: sorted names found")
@@ -35,6 +36,8 @@ class LoadConfig(Block):
 
     @model_validator(mode="after")
     def _val_source(self) -> LoadConfig:
+        if self.val_split > 0 and "val" not in self.model_fields_set:  # the default split folder gives way
+            self.val = None
         if self.val is not None and self.val_split > 0:
             raise ValueError("set either val (a split) or val_split (a fraction of train), not both")
         return self

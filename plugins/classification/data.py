@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from visionpipe.augment import SeededAugmentation
 from visionpipe.errors import DataError, VisionpipeError
-from visionpipe.images import BadImage, check_images, is_image_file, read_image
+from visionpipe.images import BadImage, check_images, iter_image_files, read_image
 from visionpipe.paths import resolve_under
 from visionpipe.synthetic import (
     SHAPES,
@@ -54,7 +54,7 @@ def scan_imagefolder(folder: Path) -> dict[str, list[str]]:
         raise DataError(f"{folder}: split folder not found")
     out: dict[str, list[str]] = {}
     for cls_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(str(p) for p in cls_dir.rglob("*") if p.is_file() and is_image_file(p))
+        files = sorted(str(p) for p in iter_image_files(cls_dir))  # as predict finds them: hidden ones left out
         if files:
             out[cls_dir.name] = files
     if not out:
@@ -140,7 +140,12 @@ def load_splits(cfg: Any, seed: int) -> tuple[dict[str, list[Sample]], list[str]
         if name is None:
             continue
         if cfg.format == "imagefolder":
-            tree = scan_imagefolder(resolve_under(root, name, what=f"load.{split}"))
+            folder = resolve_under(root, name, what=f"load.{split}")
+            if not folder.is_dir():
+                hint = {"train": " (class folders right under root, without split folders: set train: '.' and "
+                                 "val_split: 0.2)", "val": " (or set val_split: 0.2 to hold out part of train)"}
+                raise DataError(f"load.{split}: {folder}: split folder not found{hint.get(split, '')}")
+            tree = scan_imagefolder(folder)
             raw[split] = [(p, c) for c, ps in tree.items() for p in ps]
         else:
             csv_path = resolve_under(root, name, what=f"load.{split}")
@@ -164,4 +169,10 @@ def load_splits(cfg: Any, seed: int) -> tuple[dict[str, list[Sample]], list[str]
         bad_all += bad
         for b in bad:
             log.warning("skipping unreadable image %s: %s", b.path, b.reason)
+    for split, items in samples.items():
+        have = {label for _, label in items}
+        missing = [c for i, c in enumerate(classes) if i not in have]
+        if missing and items:
+            log.warning("load.%s: no image of class %s in this split%s", split, ", ".join(map(repr, missing[:10])),
+                        " (the model cannot learn it)" if split == "train" else " (its metrics leave it out)")
     return samples, classes, bad_all, inputs

@@ -59,14 +59,23 @@ def build_classifier(name: str, num_classes: int, weights: str | None = None, fr
                                            "task classification").split(" (valid")[0]
                               + " (see: visionpipe plugins --json)")
     model = torchvision.models.get_model(name, weights=None)
+    head_name, head = last_linear(model)
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             path = torchvision_cached_weights(name, weights)
         report = load_weights_file(model, path)
-        log.info("loaded weights %s (%d missing, %d shape-mismatched keys skipped)", path,
-                 len(report["missing"]), len(report["mismatched"]))
-    head_name, head = last_linear(model)
+        in_head = head_name + "."
+        misfit = [k for k in (*report["mismatched"], *report["missing"], *report["unexpected"])
+                  if not k.startswith(in_head)]
+        if misfit:  # only the head may differ: anything else means weights of another architecture
+            raise VisionpipeError(
+                f"model.weights: {path} does not fit {name}: {len(misfit)} backbone tensors are missing, "
+                f"extra or of another shape (e.g. {', '.join(misfit[:3])}); is it for another "
+                "architecture?")
+        loaded_head = head_name + ".weight" not in (*report["mismatched"], *report["missing"])
+        log.info("loaded weights %s into %s; its head %s%s is replaced by a new, untrained %d-class one", path, name,
+                 head_name, f" ({head.out_features} outputs)" if loaded_head else "", num_classes)
     new_head: nn.Module = nn.Linear(head.in_features, num_classes)
     if dropout is not None:
         new_head = nn.Sequential(nn.Dropout(dropout), new_head)

@@ -128,8 +128,9 @@ class ClassificationTask(Task):
         precision = tp / cm.sum(0).clamp(min=1)
         recall = tp / cm.sum(1).clamp(min=1)
         f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        seen = (cm.sum(0) + cm.sum(1)) > 0  # a class with no image in the split and never predicted has no F1
         res: dict[str, Any] = {"loss": loss_sum / count, "top1": top1 / count, f"top{k}": topk / count,
-                               "macro_f1": float(f1.mean())}
+                               "macro_f1": float(f1[seen].mean())}
         if k != 5:
             res["top5"] = topk / count  # with fewer than 5 classes top-5 is top-n (always 1.0)
         for i, c in enumerate(classes):

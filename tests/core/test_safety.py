@@ -55,6 +55,16 @@ def test_a_pickled_plain_object_is_refused_as_such_without_torchs_advice(tmp_pat
     assert "\n" not in message
 
 
+def test_a_whole_pickled_model_is_refused_without_torchs_advice(tmp_path):
+    p = tmp_path / "model.pth"
+    torch.save(torch.nn.Linear(2, 2), p)  # torch.save(model) instead of torch.save(model.state_dict())
+    with pytest.raises(VisionpipeError) as e:
+        load_checkpoint(p)
+    message = str(e.value)
+    assert message.startswith(f"{p}: refused: it holds pickled Python objects") and "torch.nn" in message
+    assert "weights_only" not in message and "safe_globals" not in message and "\n" not in message
+
+
 @pytest.mark.parametrize("content", [b"not a zip", b"101\n", b"\x08\x07onnx-ish protobuf"])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
     p = tmp_path / "broken.pt"

@@ -54,9 +54,15 @@ class Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = read_image(self.paths[i])[: self.size, : self.size]
-        x = torch.from_numpy(img.transpose(2, 0, 1).copy()).float() / 255.0
+        x = torch.from_numpy(to_input(read_image(self.paths[i]), self.size))  # as the predictor prepares it
         return x, x.mean().reshape(1)
+
+
+def to_input(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 HWC → float CHW in 0..1 at size x size: one preparation for training and predict."""
+    import cv2
+
+    return cv2.resize(image, (size, size)).transpose(2, 0, 1).astype(np.float32) / 255.0
 
 
 class Net(nn.Module):
@@ -132,10 +138,7 @@ class HelloPredictor(Predictor):
     """Crop, scale to 0..1, report the predicted brightness."""
 
     def preprocess(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
-        s = self.metadata["size"]
-        import cv2
-        x = cv2.resize(image, (s, s)).transpose(2, 0, 1).astype(np.float32) / 255.0
-        return {"images": x}, None
+        return {"images": to_input(image, self.metadata["size"])}, None
 
     def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
         return {"brightness": float(outputs[0][0])}
