@@ -143,7 +143,7 @@ def plugins(
 def export(
     source: Annotated[Path, typer.Argument(help="A run folder (uses checkpoints/best.pt) or a .pt checkpoint.")],
     format: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
+    opset: Annotated[int, typer.Option("--opset", min=11, max=23, help="ONNX opset (detection: up to 21).")] = 17,
     out_file: Annotated[Path | None, typer.Option("--out", help="Output file (default: <run>/model.onnx; "
                                                                    "next to a .pt that is not in a run's checkpoints/).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Max abs difference allowed in the parity check.")] = 1e-3,

@@ -118,7 +118,7 @@ class ExportConfig(Block):
     """ONNX export with a parity check against PyTorch."""
 
     format: Literal["onnx"] = "onnx"
-    opset: int = Field(17, ge=11, le=23, description="ONNX opset")
+    opset: int = Field(17, ge=11, le=23, description="ONNX opset (detection: up to 21)")
     dynamic_batch: bool = Field(True, description="dynamic batch axis")
     tolerance: float = Field(1e-3, gt=0, description="max abs difference allowed against PyTorch")
     parity_samples: int = Field(4, gt=0, description="real inputs used for the parity check")

@@ -56,6 +56,8 @@ class ExportSpec:
     """Max abs difference between torch and ORT outputs; default compares arrays one to one."""
     postprocess_onnx: Callable[[Any], Any] | None = None
     """Rewrites the traced ``onnx.ModelProto`` before it is checked (e.g. wraps it in a loop over the batch)."""
+    max_opset: int | None = None
+    """The highest opset onnxruntime runs this model at (None: any opset visionpipe exports)."""
 
 
 class OptimizationContext:

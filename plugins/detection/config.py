@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from visionpipe.augment import TransformList
-from visionpipe.config import Block, PipelineConfig, TrainConfig
+from visionpipe.config import Block, ExportConfig, PipelineConfig, TrainConfig
 from visionpipe.synthetic import SHAPES
 
 DETECTION_MODELS = (
@@ -166,6 +166,12 @@ class DetectionModelConfig(Block):
         return self
 
 
+class DetectionExportConfig(ExportConfig):
+    """ONNX export of a detector: opsets up to 21 (onnxruntime has no RoiAlign of opset 22)."""
+
+    opset: int = Field(17, ge=11, le=21, description="ONNX opset (11-21: onnxruntime has no RoiAlign of opset 22)")
+
+
 class DetectionConfig(PipelineConfig):
     """A detection pipeline file."""
 
@@ -174,3 +180,4 @@ class DetectionConfig(PipelineConfig):
     augment: DetectionAugmentConfig | None = None
     model: DetectionModelConfig | None = None
     train: TrainConfig | None = None
+    export: DetectionExportConfig | None = None

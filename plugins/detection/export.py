@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
 OUTPUTS = ["boxes", "labels", "scores", "num_detections"]
+MAX_OPSET = 21  # opset 22's RoiAlign has no onnxruntime kernel (1.32: NOT_IMPLEMENTED RoiAlign(22))
 BODY_PREFIX = "one_image/"
 
 

@@ -26,7 +26,7 @@ from visionpipe_plugins.detection.data import (
     dataset_root,
     load_splits,
 )
-from visionpipe_plugins.detection.export import OUTPUTS, ExportedDetector, make_compare, pad_stack
+from visionpipe_plugins.detection.export import MAX_OPSET, OUTPUTS, ExportedDetector, make_compare, pad_stack
 from visionpipe_plugins.detection.metrics import coco_evaluate, coco_gt, to_coco_results
 from visionpipe_plugins.detection.models import build_detector
 from visionpipe_plugins.detection.predict import DetectionPredictor
@@ -198,7 +198,8 @@ class DetectionTask(Task):
                 "draw_threshold": m.draw_score_thresh, "ground_truth": info.get("ground_truth", [])}
         axes = {"images": {2: "height", 3: "width"}}  # traced on one image; the batch axis comes from the Loop
         return ExportSpec(module, example, ["images"], list(OUTPUTS), axes, meta, parity_inputs=parity,
-                          compare=make_compare(m.box_score_thresh), postprocess_onnx=module.batched_onnx)
+                          compare=make_compare(m.box_score_thresh), postprocess_onnx=module.batched_onnx,
+                          max_opset=MAX_OPSET)
 
     @classmethod
     def predictor(cls, metadata: dict[str, Any], options: dict[str, Any]) -> Predictor:

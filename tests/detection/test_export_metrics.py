@@ -464,3 +464,20 @@ def test_predict_refuses_a_ground_truth_without_the_models_category_ids(exported
     with caplog.at_level("WARNING"):
         DetectionPredictor(meta, {"gt": str(tmp_path / "renamed.json")})
     assert "1 is 'circle' in the model, 'person' there" in caplog.text
+
+
+def test_opsets_onnxruntime_cannot_run_are_refused_before_export(shapes_root: Path, tmp_path: Path) -> None:
+    from visionpipe.config import load_config
+    from visionpipe.errors import ConfigError, ExportError
+
+    task = _task(shapes_root)
+    data = task.build_data()
+    spec = task.export_spec(task.build_model(data.info).eval(), data, data.info, 1)
+    for opset, why in ((22, "exports up to opset 21"), (9, "exports opsets 11-23")):
+        with pytest.raises(ExportError, match=why):  # was: exported, then onnxruntime NOT_IMPLEMENTED RoiAlign(22)
+            export_onnx(spec, tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
+    p = tmp_path / "det.yaml"
+    p.write_text(f"task: detection\nload: {{root: {shapes_root}, train: train}}\nexport:\n  opset: 22\n")
+    with pytest.raises(ConfigError, match=r"det\.yaml:4: export\.opset: .*21"):  # at validate, not after training
+        load_config(p)

@@ -43,12 +43,27 @@ def _flatten(out: Any) -> list[np.ndarray]:
     raise ExportError(f"unsupported model output type {type(out).__name__}")
 
 
+MIN_OPSET, MAX_OPSET = 11, 23
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
 def export_onnx(spec: ExportSpec, out: str | os.PathLike, *, opset: int = 17, tolerance: float = 1e-3,
                 dynamic_batch: bool = True) -> dict[str, Any]:
     """Export ``spec.module`` to ``out`` atomically; raise ExportError if parity exceeds ``tolerance``."""
     import onnx
     import onnxruntime as ort
 
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset}: visionpipe exports opsets {MIN_OPSET}-{MAX_OPSET}")
+    if spec.max_opset is not None and opset > spec.max_opset:  # before tracing: not after an export that cannot run
+        raise ExportError(f"opset {opset}: task {spec.metadata.get('task', '?')} exports up to opset {spec.max_opset} "
+                          f"(onnxruntime {_ort_version()} runs no higher for this model); use --opset / export.opset "
+                          f"{spec.max_opset} or lower")
     out = Path(out)
     module = spec.module.eval()
     axes = {k: dict(v) for k, v in spec.dynamic_axes.items()}
