@@ -201,7 +201,7 @@ def predict(
     streams: Annotated[int | None, typer.Option("--streams", min=1, help="Batches the model runs at once (default: cores for onnxruntime on the CPU, 1 for torch on the CPU, 2 on a GPU).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Model threads per stream (onnxruntime intra-op / torch); default: cores / streams.")] = None,
     pin: Annotated[bool | None, typer.Option("--pin/--no-pin", help="Pin each model stream to its own core (default: when onnxruntime runs one single-threaded stream per core on the CPU).", show_default=False)] = None,
-    graph_opt: Annotated[str, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all.")] = "all",
+    graph_opt: Annotated[str | None, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all (default).", show_default=False)] = None,
     spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let onnxruntime threads busy-wait (faster only when nothing else needs the cores).")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="torch backend: autocast (fp16 on CUDA, bf16 on CPU).")] = False,
     num: Annotated[int | None, typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,
