@@ -208,6 +208,24 @@ def test_save_images_draws_each_prediction(onnx_backend, tmp_path):
     assert [str(p) for p in drawn] == ["a/img0000.png", "a/img0002.png", "b/img0001.png"]
 
 
+def test_resume_refuses_a_broken_line_in_the_middle_instead_of_cutting_the_records_after_it(onnx_backend, tmp_path):
+    write_images(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    predict(onnx_backend, tmp_path / "in", out)
+    pred_file = out / "predictions.jsonl"
+    reference = pred_file.read_text().splitlines()
+    damaged = "\n".join([*reference[:2], "{not json", *reference[2:]]) + "\n"
+    pred_file.write_text(damaged)
+    with pytest.raises(VisionpipeError, match=r"predictions.jsonl:3: not a predict record .* more records follow"):
+        predict(onnx_backend, tmp_path / "in", out)
+    assert pred_file.read_text() == damaged, "no record after the broken line was cut off"
+    pred_file.write_text("\n".join([*reference[:2], "", *reference[2:4]]) + "\n")  # a blank line is no record
+    again = predict(onnx_backend, tmp_path / "in", out)
+    assert again["skipped_already_done"] == 4 and again["images"] == 2
+    got = [json.loads(x)["path"] for x in pred_file.read_text().splitlines() if x]
+    assert got == [json.loads(x)["path"] for x in reference]
+
+
 @pytest.mark.slow
 def test_cli_killed_mid_run_resumes_without_duplicates(tiny_model, tmp_path):
     """SIGKILL while predicting; the re-run completes the output with each input exactly once."""

@@ -43,18 +43,25 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_done(path: Path) -> set[str]:
-    """Paths already recorded in a JSONL output; a torn last line (killed writer) is cut off."""
+    """Paths already recorded in a JSONL output; a torn last line (killed writer) is cut off.
+
+    A broken line with records after it is no torn line: an error naming it, and nothing is cut."""
     done: set[str] = set()
     if not path.is_file():
         return done
     good_bytes = 0
     with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
+        for lineno, raw in enumerate(f, 1):
             try:
-                done.add(json.loads(raw)["path"])
-            except (ValueError, KeyError, TypeError):
+                if not raw.endswith(b"\n"):
+                    raise ValueError("no end of line")
+                if raw.strip():
+                    done.add(json.loads(raw)["path"])
+            except (ValueError, KeyError, TypeError) as e:
+                if f.read(1):
+                    raise VisionpipeError(f"{path}:{lineno}: not a predict record ({type(e).__name__}: {e}) and more "
+                                          "records follow; repair or move the file, or predict again with --overwrite"
+                                          ) from None
                 break
             good_bytes += len(raw)
     if good_bytes != path.stat().st_size:
