@@ -202,8 +202,12 @@ def compare_models(fp32: str | os.PathLike, int8: str | os.PathLike, images: Seq
 
 
 def labelled_samples(dataset: Any) -> tuple[list[str], list[int] | None]:
-    """(image paths, integer labels or None) of a dataset that lists ``samples`` as (path, label) pairs."""
-    samples = getattr(dataset, "samples", None)
+    """(image paths, integer labels or None) of a dataset's ``samples`` (or ``records``).
+
+    A sample is a (path, label) pair (ImageFolder), a path, or an object naming its image file in
+    ``image`` (segmentation) or ``path`` (detection); only (path, int) pairs give labels.
+    """
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "records", None)
     if not samples:
         return [], None
     paths, labels = [], []
@@ -213,6 +217,9 @@ def labelled_samples(dataset: Any) -> tuple[list[str], list[int] | None]:
             labels.append(s[1] if len(s) > 1 and isinstance(s[1], (int, np.integer)) else None)
         elif isinstance(s, (str, os.PathLike)):
             paths.append(str(s))
+            labels.append(None)
+        elif isinstance(f := getattr(s, "image", None) or getattr(s, "path", None), (str, os.PathLike)):
+            paths.append(str(f))
             labels.append(None)
     return paths, (labels if paths and all(lb is not None for lb in labels) else None)
 
