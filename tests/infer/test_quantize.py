@@ -31,6 +31,7 @@ def static_int8(tiny_model, tmp_path_factory):
 def test_static_int8_runs_keeps_metadata_and_agrees(tiny_model, static_int8):
     dst, report = static_int8
     assert report["mode"] == "static" and report["calibration_images"] == 12 and report["bytes"] < report["float_bytes"] / 2
+    assert report["quantized_nodes"] > 0
     fp32_meta, q_meta = read_metadata(tiny_model.onnx), read_metadata(dst)
     assert q_meta["quantization"]["type"] == "int8" and q_meta["quantization"]["mode"] == "static"
     assert {k: v for k, v in q_meta.items() if k != "quantization"} == fp32_meta
@@ -53,6 +54,19 @@ def test_dynamic_int8_keeps_metadata(tiny_model, tmp_path):
     assert read_metadata(tmp_path / "dyn.onnx")["class_names"] == ["blue", "red"]
     out = open_backend(str(tmp_path / "dyn.onnx"), "cpu")[0].run({"images": np.zeros((2, 3, 32, 32), np.float32)})
     assert out[1].shape == (2, 2)
+
+
+def test_dynamic_int8_keeps_the_classifier_head_float_and_says_nothing_was_quantized(tiny_model, tmp_path, caplog):
+    """onnxruntime turns the head's Gemm into '<name>_MatMul' before excluding nodes; the head must stay float."""
+    report = quantize_onnx(tiny_model.onnx, tmp_path / "dyn.onnx", "dynamic")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dyn.onnx")).graph.node}
+    assert not ops & {"MatMulInteger", "DynamicQuantizeLinear"}, ops
+    assert report["quantized_nodes"] == 0 and "/model/fc/Gemm" in report["kept_float"]
+    assert "quantized no layer: the model written stays float" in caplog.text
+    x = {"images": np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)}
+    a = open_backend(str(tiny_model.onnx), "cpu")[0].run(x)
+    b = open_backend(str(tmp_path / "dyn.onnx"), "cpu")[0].run(x)
+    assert np.abs(a[0] - b[0]).max() < 1e-4, "a float model: the same logits"
 
 
 def test_static_without_calibration_images_is_an_error(tiny_model, tmp_path):

@@ -54,6 +54,19 @@ def _excluded_nodes(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Softmax" or set(n.output) & outputs]
 
 
+def _count_quantized(graph: Any) -> int:
+    """Nodes of ``graph`` and its subgraphs (Loop/If bodies) that quantization put in: Q/DQ, QLinear*, *Integer."""
+    n = 0
+    for node in graph.node:
+        op = node.op_type
+        n += op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") or op.startswith("QLinear") \
+            or op.endswith("Integer")
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                n += _count_quantized(g)
+    return n
+
+
 def _name_nodes(model: Any) -> None:
     for i, n in enumerate(model.graph.node):
         if not n.name:
@@ -101,12 +114,10 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
             if mode == "dynamic":
                 # Conv through dynamic quantization becomes ConvInteger, several times slower than fp32 on
                 # CPU; dynamic mode is for MatMul/Gemm/recurrent models, static for convolutional ones.
-                found = {n.op_type for n in model.graph.node if n.name not in exclude} & set(DYNAMIC_OPS)
-                if not found:
-                    log.warning("dynamic quantization: no MatMul/Gemm/recurrent layers outside the head; the model "
-                                "stays float (for convolutional models use --calibration static)")
+                # It first turns each Gemm into a MatMul named '<gemm>_MatMul': exclude that name too.
                 quantize_dynamic(str(pre), str(out_tmp), per_channel=per_channel, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=exclude, op_types_to_quantize=list(DYNAMIC_OPS))
+                                 nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
+                                 op_types_to_quantize=list(DYNAMIC_OPS))
             else:
                 if calibration is None:
                     raise VisionpipeError("static quantization needs calibration images")
@@ -134,7 +145,14 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
         q = onnx.load(str(out_tmp))
         info = {"type": "int8", "mode": mode, "format": "QDQ" if mode == "static" else "integer-ops",
                 "per_channel": per_channel, "calibration_images": n_calib, "float_model": src.name,
-                "kept_float": exclude}
+                "kept_float": exclude, "quantized_nodes": _count_quantized(q.graph)}
+        if not info["quantized_nodes"]:
+            loops = any(n.op_type in ("Loop", "If", "Scan") for n in model.graph.node)
+            why = (" (layers inside Loop/If subgraphs, such as detection's per-image loop, are not quantized)" if loops
+                   else " (dynamic mode quantizes MatMul/Gemm/recurrent layers outside the head only; for "
+                   "convolutional models use --calibration static)" if mode == "dynamic" else "")
+            log.warning("int8 quantization (%s) of %s quantized no layer: the model written stays float%s", mode,
+                        src.name, why)
         del q.metadata_props[:]
         for k, v in meta_props.items():
             if k == METADATA_KEY:
@@ -283,15 +301,16 @@ def export_int8(task: Any, data: Any, fp32: Path, mode: str, calibration_data: s
         paths, labels = labelled_samples(eval_ds) if eval_ds is not None else ([], None)
         report = quantize_export(fp32, dst, mode, predictor, calib, paths, labels, num_calibration)
     acc = report.get("accuracy", {})
+    line = "" if report["quantized_nodes"] else "no layer was quantized, the model stays float; "
     if "top1_fp32" in acc:
-        line = (f"validation top-1 fp32 {acc['top1_fp32']:.4f} -> int8 {acc['top1_int8']:.4f} "
-                f"(drop {acc['top1_drop_points']:.2f} points on {acc['images']} images)")
+        line += (f"validation top-1 fp32 {acc['top1_fp32']:.4f} -> int8 {acc['top1_int8']:.4f} "
+                 f"(drop {acc['top1_drop_points']:.2f} points on {acc['images']} images)")
         if acc["images"] >= 128:  # fewer images are too few batches to time
             line += f"; {acc['images_per_second_fp32']:.0f} -> {acc['images_per_second_int8']:.0f} img/s"
     elif "max_abs_diff" in acc:
-        line = f"outputs vs fp32 on {acc['images']} images: max abs diff {acc['max_abs_diff']:.3g} ({acc.get('note', '')})"
+        line += f"outputs vs fp32 on {acc['images']} images: max abs diff {acc['max_abs_diff']:.3g} ({acc.get('note', '')})"
     else:
-        line = acc.get("note", "")
+        line += acc.get("note", "")
     report["summary"] = line
     write_json(dst.with_suffix(".json"), report)
     return report
