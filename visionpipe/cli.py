@@ -158,6 +158,9 @@ def export(
         raise UsageError(f"--quantize {quantize}: only 'int8' is supported")
     if calibration not in ("static", "dynamic"):
         raise UsageError(f"--calibration {calibration}: use static or dynamic")
+    if source.suffix.lower() == ".onnx":
+        raise UsageError(f"{source}: already an exported ONNX model; export takes the run folder or its .pt "
+                         "checkpoint (e.g. visionpipe export RUN_DIR --quantize int8)")
     ckpt = source / "checkpoints" / "best.pt" if source.is_dir() else source
     task, model, state = task_and_model_from_checkpoint(ckpt)
     if quantize and calibration == "static" and not type(task).image_predict:  # before writing anything

@@ -16,7 +16,9 @@ from tests.conftest import REPO, run_cli
 def test_usage_errors_exit_2_with_one_line(tmp_path):
     for args, message in ((("run",), "give a PIPELINE file, or --resume RUN_DIR"),
                           (("export", "missing.pt", "--quantize", "int4"), "--quantize int4: only 'int8'"),
-                          (("export", "missing.pt", "--format", "torchscript"), "--format torchscript")):
+                          (("export", "missing.pt", "--format", "torchscript"), "--format torchscript"),
+                          (("export", "model.int8.onnx", "--quantize", "int8"),
+                           "model.int8.onnx: already an exported ONNX model; export takes the run folder")):
         proc = run_cli(*args, cwd=tmp_path, check=False)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr
