@@ -98,3 +98,32 @@ def test_cli_export_quantize_reports_accuracy_against_fp32(tiny_model, tmp_path)
     assert read_metadata(tmp_path / "m.int8.onnx")["quantization"]["float_model"] == "m.onnx"
     bad = run_cli("export", str(tiny_model.run), "--quantize", "int4", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "only 'int8'" in bad.stderr
+
+
+def test_images_of_different_sizes_calibrate_and_compare(tmp_path):
+    """A model taking each image at its own size (like the detector): batches hold one shape each."""
+    import torch
+    from PIL import Image
+
+    from visionpipe.export.quantize import compare_models
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 2)).eval()
+    src = tmp_path / "any_size.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 20, 30),), str(src), dynamo=False, input_names=["images"],
+                      output_names=["logits"], dynamic_axes={"images": {0: "batch", 2: "h", 3: "w"}})
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(20, 30), (20, 30), (24, 24), (40, 32), (20, 30)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+
+    def prep(img):
+        return {"images": (img.transpose(2, 0, 1) / 255).astype(np.float32)}, None
+
+    report = quantize_onnx(src, tmp_path / "q.onnx", "static", image_feeds(paths, prep), batch_size=4)
+    assert report["calibration_images"] == 5 and report["quantized_nodes"] > 0
+    acc = compare_models(src, tmp_path / "q.onnx", [str(p) for p in paths], [0, 1, 0, 1, 0], prep, batch_size=4)
+    assert acc["images"] == 5 and 0 <= acc["max_abs_diff"] < 0.5 and acc["mean_abs_diff"] <= acc["max_abs_diff"]
+    assert 0 <= acc["top1_fp32"] <= 1 and 0 <= acc["top1_agreement"] <= 1
