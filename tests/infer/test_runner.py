@@ -155,6 +155,21 @@ def test_shards_then_merge_equal_one_unsharded_run(onnx_backend, tmp_path):
     assert merged_summary["images"] == 13 and merged_summary["errors"] == 5 and merged_summary["shards"] == 3
 
 
+def test_merged_summary_counts_the_records_of_a_resumed_shard(onnx_backend, tmp_path):
+    write_images(tmp_path / "in", 8)
+    shards = tmp_path / "shards"
+    predict(onnx_backend, tmp_path / "in", shards, shard="0/2")
+    part = shards / "predictions.shard0of2.jsonl"
+    part.write_text("".join(part.read_text().splitlines(keepends=True)[:1]))  # killed after its first record
+    resumed = predict(onnx_backend, tmp_path / "in", shards, shard="0/2")
+    assert resumed["images"] == 3 and resumed["skipped_already_done"] == 1
+    predict(onnx_backend, tmp_path / "in", shards, shard="1/2")
+    result = merge_outputs(shards)
+    merged = json.loads((shards / "summary.json").read_text())
+    assert result["predictions"]["records"] == len(lines(shards / "predictions.jsonl")) == 8
+    assert merged["images"] == 8 and merged["errors"] == 0
+
+
 def test_torchrun_environment_shards_automatically(onnx_backend, tmp_path, monkeypatch):
     write_images(tmp_path / "in", 6)
     monkeypatch.setenv("RANK", "1")

@@ -226,8 +226,8 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
         result[kind] = {"files": len(parts), "records": _merge_kind(parts, out / f"{kind}.jsonl")}
     summaries = [json.loads(p.read_text()) for _, p in sorted(kinds.get("summary", {}).items())]
     if summaries:
-        merged = {"images": sum(s.get("images", 0) for s in summaries),
-                  "errors": sum(s.get("errors", 0) for s in summaries),
+        # the merged records, not the shards' summaries: a resumed shard's summary counts its last run only
+        merged = {"images": result["predictions"]["records"], "errors": result["errors"]["records"],
                   "shards": n, "missing_shards": missing,
                   "slowest_shard_seconds": max(s.get("seconds", 0) for s in summaries),
                   "per_shard": summaries}
