@@ -195,6 +195,24 @@ class _WrongSizeFor(ClassificationPredictor):
         return feed, state
 
 
+def test_merge_refuses_a_shard_that_did_not_finish(onnx_backend, tmp_path):
+    write_images(tmp_path / "in", 6)
+    shards = tmp_path / "shards"
+    for i in (0, 1):
+        predict(onnx_backend, tmp_path / "in", shards, shard=f"{i}/2")
+    write_images(tmp_path / "in" / "more", 40, seed=1)  # new inputs, on which the model fails: the run stops
+    with pytest.raises(VisionpipeError, match="model failed on the first 16 inputs"):
+        predict(onnx_backend, tmp_path / "in", shards, shard="1/2",
+                predictor=_WrongSizeFor(onnx_backend[1], {}, set(range(256))))
+    assert not (shards / "summary.shard1of2.json").exists(), "the finished run's summary is gone"
+    with pytest.raises(VisionpipeError, match=r"shard\(s\) 1/2 have not finished"):
+        merge_outputs(shards)
+    assert merge_outputs(shards, tmp_path / "partial", partial=True)["unfinished_shards"] == [1]
+    predict(onnx_backend, tmp_path / "in", shards, shard="1/2", workers=0)
+    predict(onnx_backend, tmp_path / "in", shards, shard="0/2")
+    assert merge_outputs(shards)["unfinished_shards"] == []
+
+
 def test_an_input_the_model_fails_on_is_isolated(onnx_backend, tmp_path):
     from PIL import Image
 

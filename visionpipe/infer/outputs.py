@@ -203,7 +203,7 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
     """Merge ``predictions.shard*.jsonl`` / ``errors.shard*.jsonl`` of one sharded run into one file each.
 
     The merged files list records in the order an unsharded run writes them. Every shard
-    1..N must be present (its predictions or errors file) unless ``partial``.
+    1..N must be present (its predictions or errors file) and finished (its summary file) unless ``partial``.
     """
     folder = Path(folder)
     out = Path(out or folder)
@@ -219,8 +219,13 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
     if missing and not partial:
         raise VisionpipeError(f"{folder}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} have no output yet; "
                               f"run them (or merge with --partial)")
+    unfinished = sorted(present - set(kinds.get("summary", {})))  # a shard writes its summary when it ends
+    if unfinished and not partial:
+        raise VisionpipeError(f"{folder}: shard(s) {', '.join(f'{i}/{n}' for i in unfinished)} have not finished (no "
+                              f"summary.shard<I>of{n}.json: killed or failed?); run them again to resume them "
+                              f"(or merge with --partial)")
     fingerprint = _same_fingerprint(folder, n, kinds.get(FINGERPRINT, {}), present)
-    result: dict[str, Any] = {"shards": n, "missing_shards": missing}
+    result: dict[str, Any] = {"shards": n, "missing_shards": missing, "unfinished_shards": unfinished}
     for kind in KINDS:
         parts = [kinds.get(kind, {})[i] for i in sorted(kinds.get(kind, {}))]
         result[kind] = {"files": len(parts), "records": _merge_kind(parts, out / f"{kind}.jsonl")}
@@ -228,7 +233,7 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
     if summaries:
         # the merged records, not the shards' summaries: a resumed shard's summary counts its last run only
         merged = {"images": result["predictions"]["records"], "errors": result["errors"]["records"],
-                  "shards": n, "missing_shards": missing,
+                  "shards": n, "missing_shards": missing, "unfinished_shards": unfinished,
                   "slowest_shard_seconds": max(s.get("seconds", 0) for s in summaries),
                   "per_shard": summaries}
         write_json(out / "summary.json", merged)

@@ -418,6 +418,7 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = shard_suffix(s.shard)
     pred_file, err_file = out_dir / f"predictions{suffix}.jsonl", out_dir / f"errors{suffix}.jsonl"
+    (out_dir / f"summary{suffix}.json").unlink(missing_ok=True)  # written when this run ends: none = not finished
     done = read_done(pred_file) | read_done(err_file)
     if done:
         log.info("resuming: %d input(s) already in %s are skipped", len(done), out_dir)
