@@ -77,6 +77,13 @@ def test_static_without_calibration_images_is_an_error(tiny_model, tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_an_int8_model_is_not_quantized_again(static_int8, tmp_path):
+    with pytest.raises(VisionpipeError, match=r"model.int8.onnx: already quantized \(int8 static\); quantize its "
+                                              r"float model \(model.onnx\)"):
+        quantize_onnx(static_int8[0], tmp_path / "twice.onnx", "dynamic")
+    assert not (tmp_path / "twice.onnx").exists()
+
+
 def test_predict_with_the_int8_model(static_int8, tmp_path):
     from visionpipe.infer.runner import predict_images
 

@@ -101,6 +101,13 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
     src, dst = Path(src), Path(dst)
     fp32 = onnx.load(str(src))
     meta_props = {p.key: p.value for p in fp32.metadata_props}
+    try:
+        done = json.loads(meta_props.get(METADATA_KEY, "{}")).get("quantization")
+    except (ValueError, AttributeError):
+        done = None
+    if done:
+        raise VisionpipeError(f"{src}: already quantized ({done.get('type', 'int8')} {done.get('mode', '')}); "
+                              f"quantize its float model ({done.get('float_model', 'model.onnx')}) instead")
     n_calib = 0
     with tempfile.TemporaryDirectory(prefix="vp-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
