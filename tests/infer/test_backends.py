@@ -95,6 +95,9 @@ def test_bad_options_and_files_are_one_line_errors(tiny_model, tmp_path):
     broken.write_bytes(b"not a model")
     with pytest.raises(VisionpipeError, match="not a readable ONNX model"):
         open_backend(str(broken), "cpu")
+    broken.write_bytes(b"")
+    with pytest.raises(VisionpipeError, match=r"broken.onnx: not a readable ONNX model \(an empty file\)"):
+        open_backend(str(broken), "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(VisionpipeError, match="no CUDA device"):
             open_backend(str(tiny_model.checkpoint), "cuda")

@@ -129,6 +129,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise VisionpipeError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node and not model.metadata_props:  # protobuf parses an empty file (and some others) as a model
+        raise VisionpipeError(f"{p}: not a readable ONNX model ({'an empty file' if p.stat().st_size == 0 else 'no graph'})")
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             try:
