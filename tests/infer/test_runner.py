@@ -170,6 +170,21 @@ def test_merged_summary_counts_the_records_of_a_resumed_shard(onnx_backend, tmp_
     assert merged["images"] == 8 and merged["errors"] == 0
 
 
+def test_an_out_folder_inside_the_source_is_not_read_back_as_input(onnx_backend, tmp_path, monkeypatch):
+    """`predict model.onnx .` from the images' folder: the default --out (predictions/) is inside the source."""
+    write_images(tmp_path / "in", 6)
+    monkeypatch.chdir(tmp_path / "in")
+    first = predict(onnx_backend, Path("."), Path("predictions"), save_images=True)
+    assert first["images"] == 6, "its own drawings are no inputs"
+    again = predict(onnx_backend, Path("."), Path("predictions"), save_images=True)
+    assert again["images"] == 0 and again["skipped_already_done"] == 6
+    assert len(list(Path("predictions/images").rglob("*.png"))) == 6
+    for i in (0, 1):  # shards drawing into the folder meanwhile still split the same inputs
+        predict(onnx_backend, Path("."), Path("predictions"), shard=f"{i}/2", save_images=True)
+    paths = [r["path"] for i in (0, 1) for r in lines(Path(f"predictions/predictions.shard{i}of2.jsonl"))]
+    assert sorted(paths) == sorted(r["path"] for r in lines(Path("predictions/predictions.jsonl")))
+
+
 def test_torchrun_environment_shards_automatically(onnx_backend, tmp_path, monkeypatch):
     write_images(tmp_path / "in", 6)
     monkeypatch.setenv("RANK", "1")

@@ -329,12 +329,13 @@ class _Engine:
             log.warning("could not draw %s: %s: %s", it.path, type(e).__name__, e)
 
 
-def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on_total: Any) -> threading.Thread:
+def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on_total: Any,
+                         exclude: Path | None = None) -> threading.Thread:
     """Count this shard's remaining inputs in a daemon thread and report the total (for the ETA)."""
 
     def count() -> None:
         try:
-            n = sum(1 for _, p in iter_indexed(source, shard) if str(p) not in done)
+            n = sum(1 for _, p in iter_indexed(source, shard, exclude=exclude) if str(p) not in done)
         except Exception:  # the count is only for the progress bar
             return
         on_total(n)
@@ -423,7 +424,8 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     if done:
         log.info("resuming: %d input(s) already in %s are skipped", len(done), out_dir)
     src_root = Path(source) if Path(source).is_dir() else None
-    items = ((k, p) for k, p in iter_indexed(source, s.shard) if str(p) not in done)
+    # out_dir may lie inside the source folder (predict . from the images' folder): its drawings are no inputs
+    items = ((k, p) for k, p in iter_indexed(source, s.shard, exclude=out_dir) if str(p) not in done)
     decoder = _Decoder(predictor, s.save_images)
     chunk = max(1, min(8, s.batch_size // max(1, s.workers))) if s.pool == "processes" else 1
     decoded = ordered_map(decoder, items, s.workers, s.window, pool=s.pool, chunk=chunk)
@@ -441,7 +443,7 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
         with progress:
             bar = progress.add_task("predict" + (f" {s.shard[0]}/{s.shard[1]}" if suffix else ""), total=None, info="")
             if s.count_total and progress_is_live(progress):
-                _count_in_background(source, s.shard, done, lambda n: progress.update(bar, total=n))
+                _count_in_background(source, s.shard, done, lambda n: progress.update(bar, total=n), out_dir)
             for batch in ran:
                 engine.write(batch)
                 elapsed = time.perf_counter() - t0
