@@ -134,3 +134,25 @@ def test_images_of_different_sizes_calibrate_and_compare(tmp_path):
     acc = compare_models(src, tmp_path / "q.onnx", [str(p) for p in paths], [0, 1, 0, 1, 0], prep, batch_size=4)
     assert acc["images"] == 5 and 0 <= acc["max_abs_diff"] < 0.5 and acc["mean_abs_diff"] <= acc["max_abs_diff"]
     assert 0 <= acc["top1_fp32"] <= 1 and 0 <= acc["top1_agreement"] <= 1
+
+
+def test_dynamic_int8_of_an_lstm_counts_its_quantized_layers(tmp_path, caplog):
+    """onnxruntime's DynamicQuantizeLSTM is a quantized layer: no 'quantized no layer' warning."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0] * 2.0  # no MatMul: the LSTM is the only layer to quantize
+
+    torch.manual_seed(0)
+    src = tmp_path / "lstm.onnx"
+    torch.onnx.export(Net().eval(), (torch.zeros(1, 5, 8),), str(src), dynamo=False, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "batch", 1: "time"}})
+    report = quantize_onnx(src, tmp_path / "q.onnx", "dynamic")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and report["quantized_nodes"] >= 1
+    assert "quantized no layer" not in caplog.text

@@ -60,12 +60,13 @@ def _excluded_nodes(model: Any) -> list[str]:
 
 
 def _count_quantized(graph: Any) -> int:
-    """Nodes of ``graph`` and its subgraphs (Loop/If bodies) that quantization put in: Q/DQ, QLinear*, *Integer."""
+    """Nodes of ``graph`` and its subgraphs (Loop/If bodies) that quantization put in: Q/DQ, QLinear*, *Integer*,
+    DynamicQuantize* (e.g. LSTM), QAttention, QGemm, QEmbedLayerNormalization."""
     n = 0
     for node in graph.node:
         op = node.op_type
-        n += op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") or op.startswith("QLinear") \
-            or op.endswith("Integer")
+        n += op in ("QuantizeLinear", "DequantizeLinear") or "Integer" in op or op.startswith(
+            ("QLinear", "DynamicQuantize", "QAttention", "QGemm", "QEmbedLayerNorm", "QOrdered"))
         for a in node.attribute:
             for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                 n += _count_quantized(g)
