@@ -162,8 +162,8 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
         if not info["quantized_nodes"]:
             loops = any(n.op_type in ("Loop", "If", "Scan") for n in model.graph.node)
             why = (" (layers inside Loop/If subgraphs, such as detection's per-image loop, are not quantized)" if loops
-                   else " (dynamic mode quantizes MatMul/Gemm/recurrent layers outside the head only; for "
-                   "convolutional models use --calibration static)" if mode == "dynamic" else "")
+                   else " (dynamic mode quantizes MatMul/Gemm/LSTM/Attention layers outside the head only, not "
+                   "Conv, GRU or RNN; for convolutional models use --calibration static)" if mode == "dynamic" else "")
             log.warning("int8 quantization (%s) of %s quantized no layer: the model written stays float%s", mode,
                         src.name, why)
         del q.metadata_props[:]
