@@ -185,6 +185,15 @@ def test_an_out_folder_inside_the_source_is_not_read_back_as_input(onnx_backend,
     assert sorted(paths) == sorted(r["path"] for r in lines(Path("predictions/predictions.jsonl")))
 
 
+def test_resume_with_the_source_spelled_another_way_adds_no_duplicates(onnx_backend, tmp_path, monkeypatch):
+    write_images(tmp_path / "in", 5)
+    monkeypatch.chdir(tmp_path)
+    predict(onnx_backend, Path("in"), tmp_path / "out")
+    again = predict(onnx_backend, tmp_path / "in", tmp_path / "out")  # absolute this time
+    assert again["images"] == 0 and again["skipped_already_done"] == 5
+    assert len(lines(tmp_path / "out" / "predictions.jsonl")) == 5
+
+
 def test_torchrun_environment_shards_automatically(onnx_backend, tmp_path, monkeypatch):
     write_images(tmp_path / "in", 6)
     monkeypatch.setenv("RANK", "1")

@@ -335,7 +335,7 @@ def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on
 
     def count() -> None:
         try:
-            n = sum(1 for _, p in iter_indexed(source, shard, exclude=exclude) if str(p) not in done)
+            n = sum(1 for _, p in iter_indexed(source, shard, exclude=exclude) if os.path.abspath(p) not in done)
         except Exception:  # the count is only for the progress bar
             return
         on_total(n)
@@ -420,12 +420,13 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     suffix = shard_suffix(s.shard)
     pred_file, err_file = out_dir / f"predictions{suffix}.jsonl", out_dir / f"errors{suffix}.jsonl"
     (out_dir / f"summary{suffix}.json").unlink(missing_ok=True)  # written when this run ends: none = not finished
-    done = read_done(pred_file) | read_done(err_file)
+    # compared as absolute paths: a resume that spells the source another way (imgs, ./imgs, /data/imgs) skips the same files
+    done = {os.path.abspath(p) for p in read_done(pred_file) | read_done(err_file)}
     if done:
         log.info("resuming: %d input(s) already in %s are skipped", len(done), out_dir)
     src_root = Path(source) if Path(source).is_dir() else None
     # out_dir may lie inside the source folder (predict . from the images' folder): its drawings are no inputs
-    items = ((k, p) for k, p in iter_indexed(source, s.shard, exclude=out_dir) if str(p) not in done)
+    items = ((k, p) for k, p in iter_indexed(source, s.shard, exclude=out_dir) if os.path.abspath(p) not in done)
     decoder = _Decoder(predictor, s.save_images)
     chunk = max(1, min(8, s.batch_size // max(1, s.workers))) if s.pool == "processes" else 1
     decoded = ordered_map(decoder, items, s.workers, s.window, pool=s.pool, chunk=chunk)
