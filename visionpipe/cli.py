@@ -158,7 +158,7 @@ def export(
         raise UsageError(f"--quantize {quantize}: only 'int8' is supported")
     if calibration not in ("static", "dynamic"):
         raise UsageError(f"--calibration {calibration}: use static or dynamic")
-    if source.suffix.lower() == ".onnx":
+    if source.suffix.lower() == ".onnx" and not source.is_dir():
         raise UsageError(f"{source}: already an exported ONNX model; export takes the run folder or its .pt "
                          "checkpoint (e.g. visionpipe export RUN_DIR --quantize int8)")
     ckpt = source / "checkpoints" / "best.pt" if source.is_dir() else source
