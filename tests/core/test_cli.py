@@ -24,6 +24,12 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
         assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_export_takes_a_run_folder_even_one_named_like_a_model(tmp_path):
+    (tmp_path / "resnet.onnx").mkdir()  # a run folder, not an exported model
+    proc = run_cli("export", "resnet.onnx", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "resnet.onnx/checkpoints/best.pt: checkpoint not found" in proc.stderr
+
+
 def test_ctrl_c_stops_a_run_with_exit_130_and_a_message(tiny_pipeline, tmp_path):
     pipeline = tiny_pipeline(epochs=500)
     env = {**os.environ, "VISIONPIPE_PROGRESS": "0", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
