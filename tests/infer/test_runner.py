@@ -315,6 +315,56 @@ def test_cli_killed_mid_run_resumes_without_duplicates(tiny_model, tmp_path):
     assert paths == sorted(paths), "input order kept across the kill"
 
 
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for k in kids:
+            found += [k, *_descendants(k)]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_decoder_processes_exit_when_predict_is_killed(tiny_model, tmp_path):
+    """SIGKILL leaves no decoder process behind (each held ~750 MB and waited forever)."""
+    src = write_images(tmp_path / "seed", 4)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2000):
+        os.link(src[i % 4], folder / f"{i:04d}.png")
+    out = tmp_path / "out"
+    env = {**os.environ, "VISIONPIPE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "visionpipe", "predict", str(tiny_model.onnx), str(folder),
+                             "--out", str(out), "-b", "2", "--workers", "2", "--decode", "processes"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pred_file = out / "predictions.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (pred_file.is_file() and pred_file.stat().st_size > 2000):
+        time.sleep(0.01)
+    family = _descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and len(family) >= 2, "killed mid-run, with decoder processes"
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.2)
+    left = [p for p in family if _alive(p)]
+    for p in left:  # do not leak them into the rest of the test session
+        os.kill(p, signal.SIGKILL)
+    assert not left, "decoder processes outlived the killed predict"
+
+
 def test_merge_skips_a_torn_last_line_and_names_a_broken_one(onnx_backend, tmp_path):
     write_images(tmp_path / "in", 6)
     shards = tmp_path / "shards"
