@@ -165,6 +165,9 @@ def export(
         raise UsageError(f"--quantize {quantize}: only 'int8' is supported")
     if calibration not in ("static", "dynamic"):
         raise UsageError(f"--calibration {calibration}: use static or dynamic")
+    if source.suffix.lower() == ".onnx" and not source.is_dir():
+        raise UsageError(f"{source}: already an exported ONNX model; export takes the run folder or its .pt "
+                         "checkpoint (e.g. visionpipe export RUN_DIR --quantize int8)")
     ckpt = source / "checkpoints" / "best.pt" if source.is_dir() else source
     task, model, state = task_and_model_from_checkpoint(ckpt)
     if quantize and calibration == "static" and not type(task).image_predict:  # before writing anything
@@ -209,7 +212,7 @@ def predict(
     streams: Annotated[int | None, typer.Option("--streams", min=1, help="Batches the model runs at once (default: cores for onnxruntime on the CPU, 1 for torch on the CPU, 2 on a GPU).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Model threads per stream (onnxruntime intra-op / torch); default: cores / streams.")] = None,
     pin: Annotated[bool | None, typer.Option("--pin/--no-pin", help="Pin each model stream to its own core (default: when onnxruntime runs one single-threaded stream per core on the CPU).", show_default=False)] = None,
-    graph_opt: Annotated[str, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all.")] = "all",
+    graph_opt: Annotated[str | None, typer.Option("--graph-optimization", help="onnxruntime graph optimization: disable, basic, extended, all (default).", show_default=False)] = None,
     spinning: Annotated[bool, typer.Option("--spinning/--no-spinning", help="Let onnxruntime threads busy-wait (faster only when nothing else needs the cores).")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="torch backend: autocast (fp16 on CUDA, bf16 on CPU).")] = False,
     num: Annotated[int | None, typer.Option("--num", min=1, help="Generative tasks: how many samples.")] = None,

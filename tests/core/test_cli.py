@@ -16,10 +16,18 @@ from tests.conftest import REPO, run_cli
 def test_usage_errors_exit_2_with_one_line(tmp_path):
     for args, message in ((("run",), "give a PIPELINE file, or --resume RUN_DIR"),
                           (("export", "missing.pt", "--quantize", "int4"), "--quantize int4: only 'int8'"),
-                          (("export", "missing.pt", "--format", "torchscript"), "--format torchscript")):
+                          (("export", "missing.pt", "--format", "torchscript"), "--format torchscript"),
+                          (("export", "model.int8.onnx", "--quantize", "int8"),
+                           "model.int8.onnx: already an exported ONNX model; export takes the run folder")):
         proc = run_cli(*args, cwd=tmp_path, check=False)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_takes_a_run_folder_even_one_named_like_a_model(tmp_path):
+    (tmp_path / "resnet.onnx").mkdir()  # a run folder, not an exported model
+    proc = run_cli("export", "resnet.onnx", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "resnet.onnx/checkpoints/best.pt: checkpoint not found" in proc.stderr
 
 
 def test_ctrl_c_stops_a_run_with_exit_130_and_a_message(tiny_pipeline, tmp_path):

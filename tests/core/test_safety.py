@@ -156,6 +156,30 @@ def test_onnx_external_data_outside_folder_is_refused(tmp_path):
         check_external_data(d / "model.onnx")
 
 
+def test_onnx_sparse_initializer_data_outside_folder_is_refused(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from visionpipe.export.onnx import check_external_data
+
+    values = numpy_helper.from_array(np.zeros(4, np.float32), "w")
+    values.ClearField("raw_data")
+    values.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        e = values.external_data.add()
+        e.key, e.value = k, v
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(np.arange(4, dtype=np.int64), "w_idx"), [4])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], sparse_initializer=[sparse])
+    d = tmp_path / "m"
+    d.mkdir()
+    onnx.save(helper.make_model(graph), str(d / "model.onnx"))
+    with pytest.raises(UnsafePathError, match="tensor 'w' keeps its data at '../secret.bin', outside the model's folder"):
+        check_external_data(d / "model.onnx")
+
+
 def test_importing_visionpipe_makes_no_network_request() -> None:
     """albumentations' update check (a PyPI request on every import) is off unless the user turns it on."""
     code = (

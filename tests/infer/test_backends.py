@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from tests.infer.conftest import write_images
-from visionpipe.errors import VisionpipeError
+from visionpipe.errors import UsageError, VisionpipeError
 from visionpipe.images import read_image
 from visionpipe.infer.backends import OnnxBackend, TorchBackend, open_backend
 from visionpipe.infer.sources import iter_sources
@@ -95,9 +95,24 @@ def test_bad_options_and_files_are_one_line_errors(tiny_model, tmp_path):
     broken.write_bytes(b"not a model")
     with pytest.raises(VisionpipeError, match="not a readable ONNX model"):
         open_backend(str(broken), "cpu")
+    broken.write_bytes(b"")
+    with pytest.raises(VisionpipeError, match=r"broken.onnx: not a readable ONNX model \(an empty file\)"):
+        open_backend(str(broken), "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(VisionpipeError, match="no CUDA device"):
             open_backend(str(tiny_model.checkpoint), "cuda")
+
+
+def test_options_of_the_other_backend_are_refused_not_ignored(tiny_model):
+    with pytest.raises(UsageError, match=r"model.onnx: --amp is for the torch backend"):
+        open_backend(str(tiny_model.onnx), "cpu", amp=True)
+    with pytest.raises(UsageError, match=r"--amp is for the torch backend"):  # a run folder picks model.onnx
+        open_backend(str(tiny_model.run), "cpu", amp=True)
+    with pytest.raises(UsageError, match=r"best.pt: --graph-optimization applies to onnxruntime only"):
+        open_backend(str(tiny_model.checkpoint), "cpu", graph_optimization="basic")
+    with pytest.raises(UsageError, match=r"--graph-optimization and --spinning apply to onnxruntime only"):
+        open_backend(str(tiny_model.checkpoint), "cpu", graph_optimization="all", spinning=True)
+    assert open_backend(str(tiny_model.checkpoint), "cpu", spinning=False, amp=True)[0].amp
 
 
 def test_cli_predict_with_checkpoint_equals_onnx(tiny_model, tmp_path, monkeypatch):

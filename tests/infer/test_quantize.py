@@ -31,6 +31,7 @@ def static_int8(tiny_model, tmp_path_factory):
 def test_static_int8_runs_keeps_metadata_and_agrees(tiny_model, static_int8):
     dst, report = static_int8
     assert report["mode"] == "static" and report["calibration_images"] == 12 and report["bytes"] < report["float_bytes"] / 2
+    assert report["quantized_nodes"] > 0
     fp32_meta, q_meta = read_metadata(tiny_model.onnx), read_metadata(dst)
     assert q_meta["quantization"]["type"] == "int8" and q_meta["quantization"]["mode"] == "static"
     assert {k: v for k, v in q_meta.items() if k != "quantization"} == fp32_meta
@@ -97,12 +98,32 @@ def test_dynamic_int8_of_a_gru_model_says_it_stays_float(tmp_path, caplog):
     assert "stays float" in caplog.text
 
 
+def test_dynamic_int8_keeps_the_classifier_head_float_and_says_nothing_was_quantized(tiny_model, tmp_path, caplog):
+    """onnxruntime turns the head's Gemm into '<name>_MatMul' before excluding nodes; the head must stay float."""
+    report = quantize_onnx(tiny_model.onnx, tmp_path / "dyn.onnx", "dynamic")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dyn.onnx")).graph.node}
+    assert not ops & {"MatMulInteger", "DynamicQuantizeLinear"}, ops
+    assert report["quantized_nodes"] == 0 and "/model/fc/Gemm" in report["kept_float"]
+    assert "quantized no layer: the model written stays float" in caplog.text
+    x = {"images": np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)}
+    a = open_backend(str(tiny_model.onnx), "cpu")[0].run(x)
+    b = open_backend(str(tmp_path / "dyn.onnx"), "cpu")[0].run(x)
+    assert np.abs(a[0] - b[0]).max() < 1e-4, "a float model: the same logits"
+
+
 def test_static_without_calibration_images_is_an_error(tiny_model, tmp_path):
     with pytest.raises(VisionpipeError, match="calibration"):
         quantize_onnx(tiny_model.onnx, tmp_path / "q.onnx", "static", iter([]))
     with pytest.raises(VisionpipeError, match="static or dynamic"):
         quantize_onnx(tiny_model.onnx, tmp_path / "q.onnx", "float16")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_an_int8_model_is_not_quantized_again(static_int8, tmp_path):
+    with pytest.raises(VisionpipeError, match=r"model.int8.onnx: already quantized \(int8 static\); quantize its "
+                                              r"float model \(model.onnx\)"):
+        quantize_onnx(static_int8[0], tmp_path / "twice.onnx", "dynamic")
+    assert not (tmp_path / "twice.onnx").exists()
 
 
 def test_predict_with_the_int8_model(static_int8, tmp_path):
@@ -126,3 +147,54 @@ def test_cli_export_quantize_reports_accuracy_against_fp32(tiny_model, tmp_path)
     assert read_metadata(tmp_path / "m.int8.onnx")["quantization"]["float_model"] == "m.onnx"
     bad = run_cli("export", str(tiny_model.run), "--quantize", "int4", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "only 'int8'" in bad.stderr
+
+
+def test_images_of_different_sizes_calibrate_and_compare(tmp_path):
+    """A model taking each image at its own size (like the detector): batches hold one shape each."""
+    import torch
+    from PIL import Image
+
+    from visionpipe.export.quantize import compare_models
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 2)).eval()
+    src = tmp_path / "any_size.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 20, 30),), str(src), dynamo=False, input_names=["images"],
+                      output_names=["logits"], dynamic_axes={"images": {0: "batch", 2: "h", 3: "w"}})
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(20, 30), (20, 30), (24, 24), (40, 32), (20, 30)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+
+    def prep(img):
+        return {"images": (img.transpose(2, 0, 1) / 255).astype(np.float32)}, None
+
+    report = quantize_onnx(src, tmp_path / "q.onnx", "static", image_feeds(paths, prep), batch_size=4)
+    assert report["calibration_images"] == 5 and report["quantized_nodes"] > 0
+    acc = compare_models(src, tmp_path / "q.onnx", [str(p) for p in paths], [0, 1, 0, 1, 0], prep, batch_size=4)
+    assert acc["images"] == 5 and 0 <= acc["max_abs_diff"] < 0.5 and acc["mean_abs_diff"] <= acc["max_abs_diff"]
+    assert 0 <= acc["top1_fp32"] <= 1 and 0 <= acc["top1_agreement"] <= 1
+
+
+def test_dynamic_int8_of_an_lstm_counts_its_quantized_layers(tmp_path, caplog):
+    """onnxruntime's DynamicQuantizeLSTM is a quantized layer: no 'quantized no layer' warning."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0] * 2.0  # no MatMul: the LSTM is the only layer to quantize
+
+    torch.manual_seed(0)
+    src = tmp_path / "lstm.onnx"
+    torch.onnx.export(Net().eval(), (torch.zeros(1, 5, 8),), str(src), dynamo=False, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "batch", 1: "time"}})
+    report = quantize_onnx(src, tmp_path / "q.onnx", "dynamic")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and report["quantized_nodes"] >= 1
+    assert "quantized no layer" not in caplog.text

@@ -155,6 +155,45 @@ def test_shards_then_merge_equal_one_unsharded_run(onnx_backend, tmp_path):
     assert merged_summary["images"] == 13 and merged_summary["errors"] == 5 and merged_summary["shards"] == 3
 
 
+def test_merged_summary_counts_the_records_of_a_resumed_shard(onnx_backend, tmp_path):
+    write_images(tmp_path / "in", 8)
+    shards = tmp_path / "shards"
+    predict(onnx_backend, tmp_path / "in", shards, shard="0/2")
+    part = shards / "predictions.shard0of2.jsonl"
+    part.write_text("".join(part.read_text().splitlines(keepends=True)[:1]))  # killed after its first record
+    resumed = predict(onnx_backend, tmp_path / "in", shards, shard="0/2")
+    assert resumed["images"] == 3 and resumed["skipped_already_done"] == 1
+    predict(onnx_backend, tmp_path / "in", shards, shard="1/2")
+    result = merge_outputs(shards)
+    merged = json.loads((shards / "summary.json").read_text())
+    assert result["predictions"]["records"] == len(lines(shards / "predictions.jsonl")) == 8
+    assert merged["images"] == 8 and merged["errors"] == 0
+
+
+def test_an_out_folder_inside_the_source_is_not_read_back_as_input(onnx_backend, tmp_path, monkeypatch):
+    """`predict model.onnx .` from the images' folder: the default --out (predictions/) is inside the source."""
+    write_images(tmp_path / "in", 6)
+    monkeypatch.chdir(tmp_path / "in")
+    first = predict(onnx_backend, Path("."), Path("predictions"), save_images=True)
+    assert first["images"] == 6, "its own drawings are no inputs"
+    again = predict(onnx_backend, Path("."), Path("predictions"), save_images=True)
+    assert again["images"] == 0 and again["skipped_already_done"] == 6
+    assert len(list(Path("predictions/images").rglob("*.png"))) == 6
+    for i in (0, 1):  # shards drawing into the folder meanwhile still split the same inputs
+        predict(onnx_backend, Path("."), Path("predictions"), shard=f"{i}/2", save_images=True)
+    paths = [r["path"] for i in (0, 1) for r in lines(Path(f"predictions/predictions.shard{i}of2.jsonl"))]
+    assert sorted(paths) == sorted(r["path"] for r in lines(Path("predictions/predictions.jsonl")))
+
+
+def test_resume_with_the_source_spelled_another_way_adds_no_duplicates(onnx_backend, tmp_path, monkeypatch):
+    write_images(tmp_path / "in", 5)
+    monkeypatch.chdir(tmp_path)
+    predict(onnx_backend, Path("in"), tmp_path / "out")
+    again = predict(onnx_backend, tmp_path / "in", tmp_path / "out")  # absolute this time
+    assert again["images"] == 0 and again["skipped_already_done"] == 5
+    assert len(lines(tmp_path / "out" / "predictions.jsonl")) == 5
+
+
 def test_torchrun_environment_shards_automatically(onnx_backend, tmp_path, monkeypatch):
     write_images(tmp_path / "in", 6)
     monkeypatch.setenv("RANK", "1")
@@ -178,6 +217,24 @@ class _WrongSizeFor(ClassificationPredictor):
         if int(image[0, 0, 0]) in self.bad:  # marked by its first pixel
             return {"images": np.zeros((2, 32, 32), np.float32)}, state  # 2 channels: the model needs 3
         return feed, state
+
+
+def test_merge_refuses_a_shard_that_did_not_finish(onnx_backend, tmp_path):
+    write_images(tmp_path / "in", 6)
+    shards = tmp_path / "shards"
+    for i in (0, 1):
+        predict(onnx_backend, tmp_path / "in", shards, shard=f"{i}/2")
+    write_images(tmp_path / "in" / "more", 40, seed=1)  # new inputs, on which the model fails: the run stops
+    with pytest.raises(VisionpipeError, match="model failed on the first 16 inputs"):
+        predict(onnx_backend, tmp_path / "in", shards, shard="1/2",
+                predictor=_WrongSizeFor(onnx_backend[1], {}, set(range(256))))
+    assert not (shards / "summary.shard1of2.json").exists(), "the finished run's summary is gone"
+    with pytest.raises(VisionpipeError, match=r"shard\(s\) 1/2 have not finished"):
+        merge_outputs(shards)
+    assert merge_outputs(shards, tmp_path / "partial", partial=True)["unfinished_shards"] == [1]
+    predict(onnx_backend, tmp_path / "in", shards, shard="1/2", workers=0)
+    predict(onnx_backend, tmp_path / "in", shards, shard="0/2")
+    assert merge_outputs(shards)["unfinished_shards"] == []
 
 
 def test_an_input_the_model_fails_on_is_isolated(onnx_backend, tmp_path):
@@ -206,6 +263,24 @@ def test_save_images_draws_each_prediction(onnx_backend, tmp_path):
     predict(onnx_backend, tmp_path / "in", tmp_path / "out", save_images=True)
     drawn = sorted(p.relative_to(tmp_path / "out" / "images") for p in (tmp_path / "out" / "images").rglob("*.png"))
     assert [str(p) for p in drawn] == ["a/img0000.png", "a/img0002.png", "b/img0001.png"]
+
+
+def test_resume_refuses_a_broken_line_in_the_middle_instead_of_cutting_the_records_after_it(onnx_backend, tmp_path):
+    write_images(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    predict(onnx_backend, tmp_path / "in", out)
+    pred_file = out / "predictions.jsonl"
+    reference = pred_file.read_text().splitlines()
+    damaged = "\n".join([*reference[:2], "{not json", *reference[2:]]) + "\n"
+    pred_file.write_text(damaged)
+    with pytest.raises(VisionpipeError, match=r"predictions.jsonl:3: not a predict record .* more records follow"):
+        predict(onnx_backend, tmp_path / "in", out)
+    assert pred_file.read_text() == damaged, "no record after the broken line was cut off"
+    pred_file.write_text("\n".join([*reference[:2], "", *reference[2:4]]) + "\n")  # a blank line is no record
+    again = predict(onnx_backend, tmp_path / "in", out)
+    assert again["skipped_already_done"] == 4 and again["images"] == 2
+    got = [json.loads(x)["path"] for x in pred_file.read_text().splitlines() if x]
+    assert got == [json.loads(x)["path"] for x in reference]
 
 
 @pytest.mark.slow
@@ -238,6 +313,56 @@ def test_cli_killed_mid_run_resumes_without_duplicates(tiny_model, tmp_path):
     paths = [r["path"] for r in lines(pred_file)]
     assert len(paths) == len(set(paths)) == 600
     assert paths == sorted(paths), "input order kept across the kill"
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for k in kids:
+            found += [k, *_descendants(k)]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_decoder_processes_exit_when_predict_is_killed(tiny_model, tmp_path):
+    """SIGKILL leaves no decoder process behind (each held ~750 MB and waited forever)."""
+    src = write_images(tmp_path / "seed", 4)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2000):
+        os.link(src[i % 4], folder / f"{i:04d}.png")
+    out = tmp_path / "out"
+    env = {**os.environ, "VISIONPIPE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "visionpipe", "predict", str(tiny_model.onnx), str(folder),
+                             "--out", str(out), "-b", "2", "--workers", "2", "--decode", "processes"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pred_file = out / "predictions.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (pred_file.is_file() and pred_file.stat().st_size > 2000):
+        time.sleep(0.01)
+    family = _descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and len(family) >= 2, "killed mid-run, with decoder processes"
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.2)
+    left = [p for p in family if _alive(p)]
+    for p in left:  # do not leak them into the rest of the test session
+        os.kill(p, signal.SIGKILL)
+    assert not left, "decoder processes outlived the killed predict"
 
 
 def test_merge_skips_a_torn_last_line_and_names_a_broken_one(onnx_backend, tmp_path):

@@ -172,3 +172,14 @@ def test_export_command_checks_parity_on_real_images(finished_run, tmp_path):
     assert out.is_file() and "parity max abs diff" in " ".join(proc.stdout.split())
     from visionpipe.export.onnx import read_metadata
     assert read_metadata(out)["class_names"] == CLASSES
+
+
+def test_export_int8_calibrates_on_training_images_and_compares_on_val(finished_run, tmp_path):
+    """Segmentation samples name their image in ``.image``: static int8 calibrates and compares without extra flags."""
+    run, tmp, _ = finished_run
+    proc = run_cli("export", str(run), "--out", str(tmp_path / "m.onnx"), "--quantize", "int8", cwd=tmp)
+    report = json.loads((tmp_path / "m.int8.json").read_text())
+    assert report["mode"] == "static" and report["calibration_images"] == 8, "the 8 training images"
+    acc = report["accuracy"]
+    assert acc["images"] == 4 and 0 <= acc["max_abs_diff"] < 1, "the 4 val images, int8 against fp32"
+    assert "outputs vs fp32 on 4 images" in " ".join(proc.stdout.split())

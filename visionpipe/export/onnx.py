@@ -117,15 +117,30 @@ def export_onnx(spec: ExportSpec, out: str | os.PathLike, *, opset: int = 17, to
             "parity_inputs": len(inputs), "bytes": size, "checker": "passed"}
 
 
+def _sparse_tensors(graph: Any) -> Any:
+    """The values and indices of ``graph``'s sparse initializers and sparse attributes, subgraphs included
+    (onnx's ``_get_all_tensors`` leaves them out)."""
+    for sp in graph.sparse_initializer:
+        yield from (sp.values, sp.indices)
+    for node in graph.node:
+        for a in node.attribute:
+            for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield from (sp.values, sp.indices)
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _sparse_tensors(g)
+
+
 def check_external_data(path: str | os.PathLike) -> None:
-    """Refuse an ONNX file whose external-data tensors point outside its folder."""
+    """Refuse an ONNX file whose external-data tensors (dense or sparse) point outside its folder."""
+    import itertools
+
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     p = Path(path)
     model = onnx.load(str(p), load_external_data=False)
     root = p.parent.resolve()
-    for t in _get_all_tensors(model):
+    for t in itertools.chain(_get_all_tensors(model), _sparse_tensors(model.graph)):
         if uses_external_data(t):
             loc = next((e.value for e in t.external_data if e.key == "location"), "")
             target = (root / loc).resolve()
@@ -144,6 +159,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise VisionpipeError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node and not model.metadata_props:  # protobuf parses an empty file (and some others) as a model
+        raise VisionpipeError(f"{p}: not a readable ONNX model ({'an empty file' if p.stat().st_size == 0 else 'no graph'})")
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             try:

@@ -30,8 +30,13 @@ Feed = dict[str, np.ndarray]
 
 
 def _batches(feeds: Iterable[Feed], batch_size: int) -> Iterator[Feed]:
+    """Consecutive feeds stacked ``batch_size`` at a time; a feed of another shape starts a new batch
+    (a detector takes each image at its own size)."""
     buf: list[Feed] = []
     for f in feeds:
+        if buf and any(f[k].shape != buf[0][k].shape for k in f):
+            yield {k: np.stack([b[k] for b in buf]) for k in buf[0]}
+            buf = []
         buf.append(f)
         if len(buf) == batch_size:
             yield {k: np.stack([b[k] for b in buf]) for k in buf[0]}
@@ -53,6 +58,20 @@ def _excluded_nodes(model: Any) -> list[str]:
     """Nodes kept in float: the ones producing graph outputs and Softmax (scores stay exact)."""
     outputs = {o.name for o in model.graph.output}
     return [n.name for n in model.graph.node if n.op_type == "Softmax" or set(n.output) & outputs]
+
+
+def _count_quantized(graph: Any) -> int:
+    """Nodes of ``graph`` and its subgraphs (Loop/If bodies) that quantization put in: Q/DQ, QLinear*, *Integer*,
+    DynamicQuantize* (e.g. LSTM), QAttention, QGemm, QEmbedLayerNormalization."""
+    n = 0
+    for node in graph.node:
+        op = node.op_type
+        n += op in ("QuantizeLinear", "DequantizeLinear") or "Integer" in op or op.startswith(
+            ("QLinear", "DynamicQuantize", "QAttention", "QGemm", "QEmbedLayerNorm", "QOrdered"))
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                n += _count_quantized(g)
+    return n
 
 
 def _name_nodes(model: Any) -> None:
@@ -84,6 +103,13 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
     src, dst = Path(src), Path(dst)
     fp32 = onnx.load(str(src))
     meta_props = {p.key: p.value for p in fp32.metadata_props}
+    try:
+        done = json.loads(meta_props.get(METADATA_KEY, "{}")).get("quantization")
+    except (ValueError, AttributeError):
+        done = None
+    if done:
+        raise VisionpipeError(f"{src}: already quantized ({done.get('type', 'int8')} {done.get('mode', '')}); "
+                              f"quantize its float model ({done.get('float_model', 'model.onnx')}) instead")
     n_calib = 0
     with tempfile.TemporaryDirectory(prefix="vp-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -105,10 +131,6 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
             if mode == "dynamic":
                 # Conv through dynamic quantization becomes ConvInteger, several times slower than fp32 on
                 # CPU; dynamic mode is for MatMul/Gemm/recurrent models, static for convolutional ones.
-                found = {n.op_type for n in model.graph.node if n.name not in exclude} & set(DYNAMIC_OPS)
-                if not found:
-                    log.warning("dynamic quantization: no MatMul/Gemm/LSTM layers outside the head (onnxruntime has no int8 "
-                                "GRU or RNN); the model stays float (for convolutional models use --calibration static)")
                 quantize_dynamic(str(pre), str(out_tmp), per_channel=per_channel, weight_type=QuantType.QInt8,
                                  nodes_to_exclude=to_exclude, op_types_to_quantize=list(DYNAMIC_OPS))
             else:
@@ -138,7 +160,14 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "s
         q = onnx.load(str(out_tmp))
         info = {"type": "int8", "mode": mode, "format": "QDQ" if mode == "static" else "integer-ops",
                 "per_channel": per_channel, "calibration_images": n_calib, "float_model": src.name,
-                "kept_float": exclude}
+                "kept_float": exclude, "quantized_nodes": _count_quantized(q.graph)}
+        if not info["quantized_nodes"]:
+            loops = any(n.op_type in ("Loop", "If", "Scan") for n in model.graph.node)
+            why = (" (layers inside Loop/If subgraphs, such as detection's per-image loop, are not quantized)" if loops
+                   else " (dynamic mode quantizes MatMul/Gemm/LSTM/Attention layers outside the head only, not "
+                   "Conv, GRU or RNN; for convolutional models use --calibration static)" if mode == "dynamic" else "")
+            log.warning("int8 quantization (%s) of %s quantized no layer: the model written stays float%s", mode,
+                        src.name, why)
         del q.metadata_props[:]
         for k, v in meta_props.items():
             if k == METADATA_KEY:
@@ -161,18 +190,16 @@ def _session(path: Path) -> Any:
     return OnnxBackend(path, "cpu")
 
 
-def _run_all(backend: Any, feeds: list[Feed], batch_size: int) -> tuple[list[np.ndarray], float]:
-    """Outputs over all ``feeds`` and the throughput (images/s, after one warm-up batch)."""
+def _run_all(backend: Any, batches: list[Feed], images: int) -> tuple[list[list[np.ndarray]], float]:
+    """Outputs of each batch and the throughput (images/s, after one warm-up batch)."""
     import time
 
-    batches = list(_batches(feeds, batch_size))
     backend.run(batches[0])
     outs: list[list[np.ndarray]] = []
     t0 = time.perf_counter()
     for b in batches:
         outs.append(backend.run(b))
-    rate = len(feeds) / max(time.perf_counter() - t0, 1e-9)
-    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))], rate
+    return outs, images / max(time.perf_counter() - t0, 1e-9)
 
 
 def compare_models(fp32: str | os.PathLike, int8: str | os.PathLike, images: Sequence[str],
@@ -188,14 +215,19 @@ def compare_models(fp32: str | os.PathLike, int8: str | os.PathLike, images: Seq
             continue
     if not feeds:
         raise VisionpipeError("no readable images to compare the quantized model on")
-    a, rate_a = _run_all(_session(Path(fp32)), feeds, batch_size)
-    b, rate_b = _run_all(_session(Path(int8)), feeds, batch_size)
+    batches = list(_batches(feeds, batch_size))
+    a, rate_a = _run_all(_session(Path(fp32)), batches, len(feeds))
+    b, rate_b = _run_all(_session(Path(int8)), batches, len(feeds))
+    # per output: the largest and the mean difference over every batch (batches may differ in shape)
+    diffs = [[np.abs(x.astype(np.float64) - y) for x, y in zip(oa, ob, strict=True)] for oa, ob in zip(a, b, strict=True)]
+    n_out = len(diffs[0])
+    worst = [max((float(d[i].max()) for d in diffs if d[i].size), default=0.0) for i in range(n_out)]
+    mean = [sum(float(d[i].sum()) for d in diffs) / max(1, sum(d[i].size for d in diffs)) for i in range(n_out)]
     res: dict[str, Any] = {"images": len(feeds), "images_per_second_fp32": round(rate_a, 1),
                            "images_per_second_int8": round(rate_b, 1),
-                           "max_abs_diff": float(max(np.max(np.abs(x.astype(np.float64) - y)) for x, y in zip(a, b, strict=True))),
-                           "mean_abs_diff": float(np.mean([np.mean(np.abs(x.astype(np.float64) - y)) for x, y in zip(a, b, strict=True)]))}
-    if a[0].ndim == 2:  # (batch, classes): compare the decisions too
-        pa, pb = a[0].argmax(1), b[0].argmax(1)
+                           "max_abs_diff": max(worst), "mean_abs_diff": float(np.mean(mean))}
+    if a[0][0].ndim == 2:  # (batch, classes): compare the decisions too
+        pa, pb = np.concatenate([o[0].argmax(1) for o in a]), np.concatenate([o[0].argmax(1) for o in b])
         res["top1_agreement"] = float(np.mean(pa == pb))
         if labels is not None:
             y = np.asarray([labels[i] for i in keep])
@@ -206,8 +238,12 @@ def compare_models(fp32: str | os.PathLike, int8: str | os.PathLike, images: Seq
 
 
 def labelled_samples(dataset: Any) -> tuple[list[str], list[int] | None]:
-    """(image paths, integer labels or None) of a dataset that lists ``samples`` as (path, label) pairs."""
-    samples = getattr(dataset, "samples", None)
+    """(image paths, integer labels or None) of a dataset's ``samples`` (or ``records``).
+
+    A sample is a (path, label) pair (ImageFolder), a path, or an object naming its image file in
+    ``image`` (segmentation) or ``path`` (detection); only (path, int) pairs give labels.
+    """
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "records", None)
     if not samples:
         return [], None
     paths, labels = [], []
@@ -217,6 +253,9 @@ def labelled_samples(dataset: Any) -> tuple[list[str], list[int] | None]:
             labels.append(s[1] if len(s) > 1 and isinstance(s[1], (int, np.integer)) else None)
         elif isinstance(s, (str, os.PathLike)):
             paths.append(str(s))
+            labels.append(None)
+        elif isinstance(f := getattr(s, "image", None) or getattr(s, "path", None), (str, os.PathLike)):
+            paths.append(str(f))
             labels.append(None)
     return paths, (labels if paths and all(lb is not None for lb in labels) else None)
 
@@ -280,15 +319,16 @@ def export_int8(task: Any, data: Any, fp32: Path, mode: str, calibration_data: s
         paths, labels = labelled_samples(eval_ds) if eval_ds is not None else ([], None)
         report = quantize_export(fp32, dst, mode, predictor, calib, paths, labels, num_calibration)
     acc = report.get("accuracy", {})
+    line = "" if report["quantized_nodes"] else "no layer was quantized, the model stays float; "
     if "top1_fp32" in acc:
-        line = (f"validation top-1 fp32 {acc['top1_fp32']:.4f} -> int8 {acc['top1_int8']:.4f} "
-                f"(drop {acc['top1_drop_points']:.2f} points on {acc['images']} images)")
+        line += (f"validation top-1 fp32 {acc['top1_fp32']:.4f} -> int8 {acc['top1_int8']:.4f} "
+                 f"(drop {acc['top1_drop_points']:.2f} points on {acc['images']} images)")
         if acc["images"] >= 128:  # fewer images are too few batches to time
             line += f"; {acc['images_per_second_fp32']:.0f} -> {acc['images_per_second_int8']:.0f} img/s"
     elif "max_abs_diff" in acc:
-        line = f"outputs vs fp32 on {acc['images']} images: max abs diff {acc['max_abs_diff']:.3g} ({acc.get('note', '')})"
+        line += f"outputs vs fp32 on {acc['images']} images: max abs diff {acc['max_abs_diff']:.3g} ({acc.get('note', '')})"
     else:
-        line = acc.get("note", "")
+        line += acc.get("note", "")
     report["summary"] = line
     write_json(dst.with_suffix(".json"), report)
     return report

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from visionpipe.errors import VisionpipeError
+from visionpipe.errors import UsageError, VisionpipeError
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,9 @@ def open_backend(model_path: str, device: str = "auto", **kw: Any) -> tuple[Back
     if p.suffix == ".onnx":
         if choice == "torch":
             raise VisionpipeError(f"{p}: --backend torch needs a .pt checkpoint (or a run folder)")
+        if kw.get("amp"):
+            raise UsageError(f"{p}: --amp is for the torch backend (a .pt checkpoint); onnxruntime runs the "
+                             "exported model as it is (drop --amp, or predict with the checkpoint: --backend torch)")
         meta = read_metadata(p)
         backend: Backend = OnnxBackend(p, device, threads=kw.get("threads"),
                                        graph_optimization=kw.get("graph_optimization") or "all",
@@ -246,6 +249,12 @@ def open_backend(model_path: str, device: str = "auto", **kw: Any) -> tuple[Back
     if p.suffix in (".pt", ".pth"):
         if choice == "onnxruntime":
             raise VisionpipeError(f"{p}: --backend onnxruntime needs an exported .onnx model (visionpipe export)")
+        onnx_only = [flag for flag, key in (("--graph-optimization", "graph_optimization"), ("--spinning", "spinning"),
+                                            ("inter_threads", "inter_threads")) if kw.get(key)]
+        if onnx_only:
+            raise UsageError(f"{p}: {' and '.join(onnx_only)} {'applies' if len(onnx_only) == 1 else 'apply'} to "
+                             "onnxruntime only; this .pt checkpoint runs in torch (drop it, or predict with the "
+                             "exported .onnx model)")
         from visionpipe.export.checkpoint_model import module_from_checkpoint
 
         module, spec = module_from_checkpoint(p)

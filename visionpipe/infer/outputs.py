@@ -43,18 +43,25 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_done(path: Path) -> set[str]:
-    """Paths already recorded in a JSONL output; a torn last line (killed writer) is cut off."""
+    """Paths already recorded in a JSONL output; a torn last line (killed writer) is cut off.
+
+    A broken line with records after it is no torn line: an error naming it, and nothing is cut."""
     done: set[str] = set()
     if not path.is_file():
         return done
     good_bytes = 0
     with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
+        for lineno, raw in enumerate(f, 1):
             try:
-                done.add(json.loads(raw)["path"])
-            except (ValueError, KeyError, TypeError):
+                if not raw.endswith(b"\n"):
+                    raise ValueError("no end of line")
+                if raw.strip():
+                    done.add(json.loads(raw)["path"])
+            except (ValueError, KeyError, TypeError) as e:
+                if f.read(1):
+                    raise VisionpipeError(f"{path}:{lineno}: not a predict record ({type(e).__name__}: {e}) and more "
+                                          "records follow; repair or move the file, or predict again with --overwrite"
+                                          ) from None
                 break
             good_bytes += len(raw)
     if good_bytes != path.stat().st_size:
@@ -196,7 +203,7 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
     """Merge ``predictions.shard*.jsonl`` / ``errors.shard*.jsonl`` of one sharded run into one file each.
 
     The merged files list records in the order an unsharded run writes them. Every shard
-    1..N must be present (its predictions or errors file) unless ``partial``.
+    1..N must be present (its predictions or errors file) and finished (its summary file) unless ``partial``.
     """
     folder = Path(folder)
     out = Path(out or folder)
@@ -212,16 +219,21 @@ def merge_outputs(folder: Path, out: Path | None = None, partial: bool = False) 
     if missing and not partial:
         raise VisionpipeError(f"{folder}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} have no output yet; "
                               f"run them (or merge with --partial)")
+    unfinished = sorted(present - set(kinds.get("summary", {})))  # a shard writes its summary when it ends
+    if unfinished and not partial:
+        raise VisionpipeError(f"{folder}: shard(s) {', '.join(f'{i}/{n}' for i in unfinished)} have not finished (no "
+                              f"summary.shard<I>of{n}.json: killed or failed?); run them again to resume them "
+                              f"(or merge with --partial)")
     fingerprint = _same_fingerprint(folder, n, kinds.get(FINGERPRINT, {}), present)
-    result: dict[str, Any] = {"shards": n, "missing_shards": missing}
+    result: dict[str, Any] = {"shards": n, "missing_shards": missing, "unfinished_shards": unfinished}
     for kind in KINDS:
         parts = [kinds.get(kind, {})[i] for i in sorted(kinds.get(kind, {}))]
         result[kind] = {"files": len(parts), "records": _merge_kind(parts, out / f"{kind}.jsonl")}
     summaries = [json.loads(p.read_text()) for _, p in sorted(kinds.get("summary", {}).items())]
     if summaries:
-        merged = {"images": sum(s.get("images", 0) for s in summaries),
-                  "errors": sum(s.get("errors", 0) for s in summaries),
-                  "shards": n, "missing_shards": missing,
+        # the merged records, not the shards' summaries: a resumed shard's summary counts its last run only
+        merged = {"images": result["predictions"]["records"], "errors": result["errors"]["records"],
+                  "shards": n, "missing_shards": missing, "unfinished_shards": unfinished,
                   "slowest_shard_seconds": max(s.get("seconds", 0) for s in summaries),
                   "per_shard": summaries}
         write_json(out / "summary.json", merged)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -19,6 +21,14 @@ _worker_fn: Callable[[Any], Any] | None = None
 def _init_worker(fn: Callable[[Any], Any]) -> None:
     global _worker_fn
     _worker_fn = fn
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a killed predict (SIGKILL) must not leave its decoder processes behind
+        threading.Thread(target=_exit_with, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with(parent: Any) -> None:
+    parent.join()  # returns once the process that started this worker is gone, however it ended
+    os._exit(1)
 
 
 def _run_chunk_in_worker(chunk: list[Any]) -> list[Any]:

@@ -329,12 +329,13 @@ class _Engine:
             log.warning("could not draw %s: %s: %s", it.path, type(e).__name__, e)
 
 
-def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on_total: Any) -> threading.Thread:
+def _count_in_background(source: str, shard: tuple[int, int], done: set[str], on_total: Any,
+                         exclude: Path | None = None) -> threading.Thread:
     """Count this shard's remaining inputs in a daemon thread and report the total (for the ETA)."""
 
     def count() -> None:
         try:
-            n = sum(1 for _, p in iter_indexed(source, shard) if str(p) not in done)
+            n = sum(1 for _, p in iter_indexed(source, shard, exclude=exclude) if os.path.abspath(p) not in done)
         except Exception:  # the count is only for the progress bar
             return
         on_total(n)
@@ -418,11 +419,14 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = shard_suffix(s.shard)
     pred_file, err_file = out_dir / f"predictions{suffix}.jsonl", out_dir / f"errors{suffix}.jsonl"
-    done = read_done(pred_file) | read_done(err_file)
+    (out_dir / f"summary{suffix}.json").unlink(missing_ok=True)  # written when this run ends: none = not finished
+    # compared as absolute paths: a resume that spells the source another way (imgs, ./imgs, /data/imgs) skips the same files
+    done = {os.path.abspath(p) for p in read_done(pred_file) | read_done(err_file)}
     if done:
         log.info("resuming: %d input(s) already in %s are skipped", len(done), out_dir)
     src_root = Path(source) if Path(source).is_dir() else None
-    items = ((k, p) for k, p in iter_indexed(source, s.shard) if str(p) not in done)
+    # out_dir may lie inside the source folder (predict . from the images' folder): its drawings are no inputs
+    items = ((k, p) for k, p in iter_indexed(source, s.shard, exclude=out_dir) if os.path.abspath(p) not in done)
     decoder = _Decoder(predictor, s.save_images)
     chunk = max(1, min(8, s.batch_size // max(1, s.workers))) if s.pool == "processes" else 1
     decoded = ordered_map(decoder, items, s.workers, s.window, pool=s.pool, chunk=chunk)
@@ -440,7 +444,7 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
         with progress:
             bar = progress.add_task("predict" + (f" {s.shard[0]}/{s.shard[1]}" if suffix else ""), total=None, info="")
             if s.count_total and progress_is_live(progress):
-                _count_in_background(source, s.shard, done, lambda n: progress.update(bar, total=n))
+                _count_in_background(source, s.shard, done, lambda n: progress.update(bar, total=n), out_dir)
             for batch in ran:
                 engine.write(batch)
                 elapsed = time.perf_counter() - t0

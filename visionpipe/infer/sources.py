@@ -63,14 +63,20 @@ def _all_files(source: str, accept: Callable[[str | os.PathLike], bool]) -> Iter
 
 
 def iter_indexed(source: str, shard: tuple[int, int] = (0, 1),
-                 accept: Callable[[str | os.PathLike], bool] = is_image_file) -> Iterator[tuple[int, Path]]:
+                 accept: Callable[[str | os.PathLike], bool] = is_image_file,
+                 exclude: str | os.PathLike | None = None) -> Iterator[tuple[int, Path]]:
     """(index in the whole input, path) for this shard's files, in a deterministic order.
 
     The order is sorted per folder (recursive), a list file's line order, or a glob's sorted
     matches. Shard I of N takes every N-th input from I, so N shards are disjoint and complete.
+    Files under ``exclude`` (predict's output folder, where it draws and writes masks) are no inputs.
     """
     i, n = shard
-    for k, path in enumerate(_all_files(source, accept)):
+    files = _all_files(source, accept)
+    if exclude is not None:
+        inside = os.path.join(os.path.abspath(exclude), "")
+        files = (p for p in files if not os.path.abspath(p).startswith(inside))
+    for k, path in enumerate(files):
         if k % n == i:
             yield k, path
 
