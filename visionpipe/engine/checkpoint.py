@@ -106,6 +106,9 @@ def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, *, strict
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     own = model.state_dict()
+    for wrapper in ("module.", "_orig_mod."):  # saved from a DistributedDataParallel / torch.compile wrapper
+        if not set(sd) & set(own) and all(k.startswith(wrapper) for k in sd):
+            sd = {k[len(wrapper):]: v for k, v in sd.items()}
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if mismatched and not skip_mismatched:
         raise VisionpipeError(f"{path}: shape mismatch for {', '.join(mismatched[:5])}")
