@@ -277,10 +277,13 @@ def merge(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the merged files.")] = None,
     partial: Annotated[bool, typer.Option("--partial", help="Merge even when some shards have no output yet.")] = False,
 ) -> None:
-    """Merge the outputs of sharded predict runs into one predictions.jsonl / errors.jsonl, in input order."""
-    from visionpipe.infer.runner import merge_outputs
+    """Merge the outputs of sharded predict runs into one predictions.jsonl / errors.jsonl, in input order.
 
-    out.print_json(json.dumps(merge_outputs(folder, out_dir, partial=partial)))
+    Files a task builds from all predictions (detection: COCO results and metrics) are written from the merged ones.
+    """
+    from visionpipe.infer.runner import merge_predictions
+
+    out.print_json(json.dumps(merge_predictions(folder, out_dir, partial=partial)))
 
 
 def _register_plugin_commands() -> None:

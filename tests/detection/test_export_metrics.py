@@ -481,3 +481,29 @@ def test_opsets_onnxruntime_cannot_run_are_refused_before_export(shapes_root: Pa
     p.write_text(f"task: detection\nload: {{root: {shapes_root}, train: train}}\nexport:\n  opset: 22\n")
     with pytest.raises(ConfigError, match=r"det\.yaml:4: export\.opset: .*21"):  # at validate, not after training
         load_config(p)
+
+
+def test_sharded_predict_gets_its_coco_files_from_merge(exported, tmp_path: Path) -> None:
+    from visionpipe.infer.runner import merge_predictions, run_predict
+
+    path, _, _, _, root = exported
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, p in enumerate(sorted((root / "images").rglob("*.png"))[:5]):
+        (folder / f"{i}.png").write_bytes(p.read_bytes())
+
+    def predict(out: Path, shard: str | None) -> None:
+        backend, meta = open_backend(str(path), device="cpu")
+        opts = {"batch_size": 2, "score_threshold": 0.0, **({"shard": shard} if shard else {})}
+        run_predict(DetectionTask, backend, meta, str(folder), out, opts)
+
+    predict(tmp_path / "one", None)
+    for shard in ("0/2", "1/2"):
+        predict(tmp_path / "sharded", shard)
+    # each shard used to write coco_results.json for its own images, numbered 1.. again, the last one winning
+    assert not (tmp_path / "sharded" / "coco_results.json").exists()
+    result = merge_predictions(tmp_path / "sharded")
+    assert sorted(Path(p).name for p in result["extra"]) == ["coco_images.json", "coco_results.json"]
+    for name in ("coco_results.json", "coco_images.json"):
+        assert json.loads((tmp_path / "sharded" / name).read_text()) == json.loads((tmp_path / "one" / name).read_text())
+    assert len(json.loads((tmp_path / "one" / "coco_images.json").read_text())["images"]) == 5

@@ -10,6 +10,7 @@ file becomes a line of errors.jsonl, never a crash.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -456,11 +457,65 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
         preds.close()
         errs.close()
     seconds = time.perf_counter() - t0
-    extra = predictor.write_extra(out_dir, iter_jsonl(pred_file))
+    if suffix and writes_extra(predictor):  # one shard's share would clash with the others': merge writes them
+        extra: list[Path] = []
+        log.info("shard %d/%d: the files built from all predictions (e.g. COCO results) are written by "
+                 "`visionpipe merge %s` once every shard is done", s.shard[0], s.shard[1], out_dir)
+    else:
+        extra = predictor.write_extra(out_dir, iter_jsonl(pred_file))
     summary = _summary(stats, seconds, len(done), s, backend, pred_file, err_file, extra, bool(engine.cores))
+    summary["options"] = {k: v for k, v in options.items() if v is None or isinstance(v, (str, int, float, bool))}
     write_json(out_dir / f"summary{suffix}.json", summary)
     _log_summary(summary, pred_file)
     return summary
+
+
+def writes_extra(predictor: Predictor) -> bool:
+    """Whether the task builds files from all records (:meth:`Predictor.write_extra`), e.g. COCO results."""
+    return type(predictor).write_extra is not Predictor.write_extra
+
+
+def merge_predictions(folder: Path, out: Path | None = None, partial: bool = False) -> dict[str, Any]:
+    """:func:`merge_outputs`, then the task's files built from all predictions (e.g. COCO results) from the merged ones.
+
+    Those files need the model's metadata and the shards' options (kept in their summaries); when
+    the model file is gone or changed since, the records are merged and a warning says what is missing.
+    """
+    from visionpipe.infer.outputs import find_shards
+    from visionpipe.manager import get_manager
+
+    result = merge_outputs(folder, out, partial=partial)
+    out = Path(out or folder)
+    fingerprint = read_fingerprint(out / f"{FINGERPRINT}.json")
+    (_, kinds), = find_shards(Path(folder)).items()
+    summaries = [json.loads(p.read_text()) for _, p in sorted(kinds.get("summary", {}).items())]
+    options = next((sm["options"] for sm in summaries if isinstance(sm.get("options"), dict)), None)
+    if fingerprint is None or options is None:
+        return result  # shards of an older visionpipe: records only
+    task_cls = get_manager().task(str(fingerprint["task"]))
+    if not task_cls.image_predict:  # a task with its own predict writes no files from all records
+        return result
+    model = Path(str(fingerprint["model"]))
+    if not model.is_file() or sha256_file(model) != fingerprint.get("model_sha256"):
+        log.warning("%s is gone or changed since the shards ran: the records are merged, but not the files built from "
+                    "all of them (e.g. COCO results); predict again to get those", model)
+        return result
+    if model.suffix == ".onnx":
+        from visionpipe.export.onnx import read_metadata
+
+        metadata = read_metadata(model)
+    else:
+        from visionpipe.infer.backends import open_backend
+
+        metadata = open_backend(str(model), device="cpu")[1]
+    predictor = task_cls.build_predictor(metadata, options)
+    if writes_extra(predictor):
+        extra = predictor.write_extra(out, iter_jsonl(out / "predictions.jsonl"))
+        result["extra"] = [str(e) for e in extra]
+        if result.get("summary"):
+            merged = json.loads(Path(result["summary"]).read_text())
+            write_json(Path(result["summary"]), {**merged, "extra": result["extra"]})
+    return result
 
 
 def progress_is_live(progress: Any) -> bool:
