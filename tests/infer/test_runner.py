@@ -379,3 +379,15 @@ def test_merge_skips_a_torn_last_line_and_names_a_broken_one(onnx_backend, tmp_p
     part.write_bytes(b"{not json}\n" + whole)
     with pytest.raises(VisionpipeError, match=r"predictions.shard1of2.jsonl:1: not a JSON record"):
         merge_outputs(shards, tmp_path / "merged2", partial=True)
+
+
+def test_a_missing_source_leaves_no_output_folder_and_an_empty_glob_is_warned(onnx_backend, tmp_path, caplog):
+    from visionpipe.infer.runner import run_predict
+
+    backend, meta = onnx_backend
+    with pytest.raises(VisionpipeError, match="nothere: no such file, folder or glob"):
+        run_predict(ClassificationTask, backend, meta, str(tmp_path / "nothere"), tmp_path / "out", {})
+    assert not (tmp_path / "out").exists()  # was: made, with fingerprint.json, before the error
+    with caplog.at_level("WARNING"):
+        summary = run_predict(ClassificationTask, backend, meta, str(tmp_path / "*.jpg"), tmp_path / "out", {})
+    assert summary["images"] == 0 and "*.jpg: no image files; nothing was predicted" in caplog.text

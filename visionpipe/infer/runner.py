@@ -40,7 +40,7 @@ from visionpipe.infer.outputs import (
     shard_files,
 )
 from visionpipe.infer.pool import POOLS, ordered_map
-from visionpipe.infer.sources import iter_indexed, iter_sources, parse_shard, shard_suffix
+from visionpipe.infer.sources import check_source, iter_indexed, iter_sources, parse_shard, shard_suffix
 from visionpipe.io import sha256_file, write_json
 from visionpipe.task import Predictor
 
@@ -372,6 +372,8 @@ def run_predict(task_cls: type[Task], backend: Backend, metadata: dict[str, Any]
     fingerprint = {"task": task_cls.name, "model": str(Path(backend.model_file).resolve()),
                    "model_sha256": sha256_file(backend.model_file),
                    "options": task_cls.record_options(options) if task_cls.predict_resumes else {}}
+    if source is not None:
+        check_source(source)  # before the output folder is made or claimed
     _claim(out_dir, shard_suffix(shard), fingerprint, on_change)
     stale = clean_stale_temp(out_dir, shard)
     if stale:
@@ -457,6 +459,9 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
         preds.close()
         errs.close()
     seconds = time.perf_counter() - t0
+    if stats.ok + stats.errors == 0 and not done:
+        log.warning("%s: no image files%s; nothing was predicted", source,
+                    f" for shard {s.shard[0]}/{s.shard[1]}" if suffix else "")
     if suffix and writes_extra(predictor):  # one shard's share would clash with the others': merge writes them
         extra: list[Path] = []
         log.info("shard %d/%d: the files built from all predictions (e.g. COCO results) are written by "

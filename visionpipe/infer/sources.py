@@ -47,6 +47,12 @@ def _list_file(p: Path) -> Iterator[Path]:
                 yield q if q.is_absolute() else base / q
 
 
+def check_source(source: str) -> None:
+    """Raise VisionpipeError unless ``source`` is an existing file or folder, or a glob pattern."""
+    if not (os.path.exists(source) or any(c in source for c in "*?[")):
+        raise VisionpipeError(f"{source}: no such file, folder or glob")
+
+
 def _all_files(source: str, accept: Callable[[str | os.PathLike], bool]) -> Iterator[Path]:
     p = Path(source)
     if p.is_dir():
