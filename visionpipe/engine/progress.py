@@ -1,4 +1,4 @@
-"""Rich progress bars that stay quiet off rank 0 and when disabled."""
+"""Rich progress bars that stay quiet when disabled (callers disable them off rank 0)."""
 
 from __future__ import annotations
 

@@ -441,7 +441,8 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
     # Each runner holds one batch and as many again wait decoded, so a runner never waits for the main
     # thread (which decodes and writes in between); memory: (2 x streams + 1) batches.
     ran = ordered_map(engine.infer, _batches(decoded, s.batch_size, stats), s.streams, 2 * s.streams + 1)
-    progress = make_progress()
+    # under torchrun the processes of one machine share a terminal: the first one draws its shard's bar
+    progress = make_progress(enabled=os.environ.get("LOCAL_RANK", "0") == "0")
     t0 = time.perf_counter()
     try:
         with progress:
