@@ -21,7 +21,12 @@ from pydantic import BaseModel
 from visionpipe import __version__
 from visionpipe.config import LoadedConfig, PipelineConfig, dump_yaml, load_config
 from visionpipe.engine import distributed as dist
-from visionpipe.engine.checkpoint import load_checkpoint, seed_everything, state_mismatch
+from visionpipe.engine.checkpoint import (
+    load_checkpoint,
+    recording_weights_files,
+    seed_everything,
+    state_mismatch,
+)
 from visionpipe.errors import ConfigError, UsageError, VisionpipeError
 from visionpipe.io import append_jsonl, clean_stale_tmp, sha256_file, write_json, write_text
 from visionpipe.manager import PluginManager, get_manager
@@ -207,17 +212,15 @@ def stage_model(ctx: RunContext) -> dict[str, Any]:
     takes_pretrained = "pretrained" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     restores = ctx.resume_state is not None and "train" in ctx.cfg.stage_list(ctx.loaded.extra_stages)
     # a resume needs no weights file: the checkpoint has every weight
-    model = ctx.task.build_model(ctx.info, pretrained=False) if restores and takes_pretrained \
-        else ctx.task.build_model(ctx.info)
+    with recording_weights_files() as weights_files:  # whatever the task loads: a path, torchvision's cache, ...
+        model = ctx.task.build_model(ctx.info, pretrained=False) if restores and takes_pretrained \
+            else ctx.task.build_model(ctx.info)
     ctx.model = model.to(ctx.device)
     if ctx.resume_state is not None:
         _check_resumable_model(ctx)
     elif dist.is_main():  # local weights files the model started from decide the result: hashed like the data
-        block = ctx.cfg.model
-        for key, value in (dict(block) if isinstance(block, (BaseModel, dict)) else {}).items():
-            path = Path(value).expanduser() if "weights" in key and isinstance(value, str) else None
-            if path is not None and path.is_file():
-                ctx.manifest["inputs"][str(value)] = sha256_file(path)
+        for path in dict.fromkeys(weights_files):
+            ctx.manifest["inputs"][str(path)] = sha256_file(path)
     n = sum(p.numel() for p in ctx.model.parameters())
     trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     log.info("model: %s parameters (%s trainable)", f"{n:,}", f"{trainable:,}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,15 @@ def test_the_weights_file_a_run_starts_from_is_hashed_into_its_manifest(tmp_path
     run_cli("run", str(tiny_pipeline()), "--set", f"model.weights={p}", "--set", "stages=[load,model]",
             "--run-dir", "out", cwd=tmp_path)
     inputs = json.loads((tmp_path / "out" / "manifest.json").read_text())["inputs"]
-    assert inputs[str(p)] == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert inputs[str(p.resolve())] == hashlib.sha256(p.read_bytes()).hexdigest()
+    # a torchvision weights name read from torchvision's cache: the cached file is hashed too (it was not)
+    cached = tmp_path / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(p.read_bytes())
+    run_cli("run", str(tiny_pipeline()), "--set", "model.weights=IMAGENET1K_V1", "--set", "stages=[load,model]",
+            "--run-dir", "cache", cwd=tmp_path, env={"TORCH_HOME": str(tmp_path)})
+    inputs = json.loads((tmp_path / "cache" / "manifest.json").read_text())["inputs"]
+    assert inputs[str(cached.resolve())] == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_macro_f1_leaves_out_a_class_absent_from_the_split_and_never_predicted():

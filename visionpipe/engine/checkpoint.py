@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +101,26 @@ def extract_state_dict(obj: dict[str, Any], path: str | os.PathLike = "weights")
     return sd
 
 
+_weights_read: list[list[Path]] = []
+
+
+@contextmanager
+def recording_weights_files() -> Iterator[list[Path]]:
+    """The weights files :func:`load_weights_file` reads inside the block (resolved), e.g. for the manifest."""
+    files: list[Path] = []
+    _weights_read.append(files)
+    try:
+        yield files
+    finally:
+        _weights_read.remove(files)
+
+
 def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = False,
                       prefix: str = "", skip_mismatched: bool = True) -> dict[str, list[str]]:
     """Load local weights into ``model``; shape-mismatched keys (e.g. a new head) are skipped and reported."""
     sd = extract_state_dict(load_checkpoint(path), path)
+    for files in _weights_read:
+        files.append(Path(path).expanduser().resolve())
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     own = model.state_dict()
