@@ -185,6 +185,15 @@ def test_an_out_folder_inside_the_source_is_not_read_back_as_input(onnx_backend,
     assert sorted(paths) == sorted(r["path"] for r in lines(Path("predictions/predictions.jsonl")))
 
 
+@pytest.mark.parametrize("out", [".", "..", "../in"])
+def test_an_out_folder_that_is_the_source_or_above_it_excludes_nothing(onnx_backend, tmp_path, monkeypatch, out):
+    """--out is the source folder (spelt '.' or by its path) or above it: every input is under it, none is an output."""
+    write_images(tmp_path / "in", 4)
+    monkeypatch.chdir(tmp_path / "in")
+    assert predict(onnx_backend, Path("."), Path(out))["images"] == 4  # was 0: all inputs excluded
+    assert predict(onnx_backend, Path("**/*.png"), Path(out) / "g")["images"] == 4  # a glob of the folder too
+
+
 def test_resume_with_the_source_spelled_another_way_adds_no_duplicates(onnx_backend, tmp_path, monkeypatch):
     write_images(tmp_path / "in", 5)
     monkeypatch.chdir(tmp_path)

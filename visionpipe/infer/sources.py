@@ -68,6 +68,16 @@ def _all_files(source: str, accept: Callable[[str | os.PathLike], bool]) -> Iter
     raise VisionpipeError(f"{source}: no such file, folder or glob")
 
 
+def _scanned_root(source: str) -> str | None:
+    """The folder a folder or glob source is read from (absolute); None for a file or a list of files."""
+    if os.path.isdir(source):
+        return os.path.abspath(source)
+    if any(c in source for c in "*?["):
+        head = source[:min(source.index(c) for c in "*?[" if c in source)]
+        return os.path.abspath(os.path.dirname(head) or ".")
+    return None
+
+
 def iter_indexed(source: str, shard: tuple[int, int] = (0, 1),
                  accept: Callable[[str | os.PathLike], bool] = is_image_file,
                  exclude: str | os.PathLike | None = None) -> Iterator[tuple[int, Path]]:
@@ -75,13 +85,17 @@ def iter_indexed(source: str, shard: tuple[int, int] = (0, 1),
 
     The order is sorted per folder (recursive), a list file's line order, or a glob's sorted
     matches. Shard I of N takes every N-th input from I, so N shards are disjoint and complete.
-    Files under ``exclude`` (predict's output folder, where it draws and writes masks) are no inputs.
+    Files under ``exclude`` (predict's output folder, where it draws and writes masks) are no inputs
+    when that folder lies inside the folder (or a glob's folder) being read; an ``exclude`` that is
+    the source folder itself or above it excludes nothing (every input would be under it).
     """
     i, n = shard
     files = _all_files(source, accept)
-    if exclude is not None:
+    root = _scanned_root(source)
+    if exclude is not None and root is not None:
         inside = os.path.join(os.path.abspath(exclude), "")
-        files = (p for p in files if not os.path.abspath(p).startswith(inside))
+        if inside.startswith(os.path.join(root, "")) and inside != os.path.join(root, ""):
+            files = (p for p in files if not os.path.abspath(p).startswith(inside))
     for k, path in enumerate(files):
         if k % n == i:
             yield k, path
