@@ -507,3 +507,25 @@ def test_sharded_predict_gets_its_coco_files_from_merge(exported, tmp_path: Path
     for name in ("coco_results.json", "coco_images.json"):
         assert json.loads((tmp_path / "sharded" / name).read_text()) == json.loads((tmp_path / "one" / name).read_text())
     assert len(json.loads((tmp_path / "one" / "coco_images.json").read_text())["images"]) == 5
+
+
+def test_merge_without_the_shards_model_merges_the_records_and_says_what_is_missing(exported, tmp_path: Path,
+                                                                                    caplog) -> None:
+    from visionpipe.infer.runner import merge_predictions, run_predict
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(exported[0].read_bytes())
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, p in enumerate(sorted((exported[4] / "images").rglob("*.png"))[:3]):
+        (folder / f"{i}.png").write_bytes(p.read_bytes())
+    for shard in ("0/2", "1/2"):
+        backend, meta = open_backend(str(model), device="cpu")
+        run_predict(DetectionTask, backend, meta, str(folder), tmp_path / "out", {"shard": shard})
+    model.unlink()
+    with caplog.at_level("WARNING"):
+        result = merge_predictions(tmp_path / "out")
+    assert result["predictions"]["records"] == 3 and "extra" not in result
+    assert "the records are merged, but not the files built from all of them" in caplog.text
+    assert "gone or changed since the shards ran" in caplog.text
+    assert not (tmp_path / "out" / "coco_results.json").exists()

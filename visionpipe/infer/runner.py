@@ -485,10 +485,10 @@ def merge_predictions(folder: Path, out: Path | None = None, partial: bool = Fal
     """:func:`merge_outputs`, then the task's files built from all predictions (e.g. COCO results) from the merged ones.
 
     Those files need the model's metadata and the shards' options (kept in their summaries); when
-    the model file is gone or changed since, the records are merged and a warning says what is missing.
+    they cannot be built (the model file gone or changed since, a relative ``-o gt=`` from another
+    folder), the records are merged and a warning says what is missing.
     """
     from visionpipe.infer.outputs import find_shards
-    from visionpipe.manager import get_manager
 
     result = merge_outputs(folder, out, partial=partial)
     out = Path(out or folder)
@@ -498,14 +498,29 @@ def merge_predictions(folder: Path, out: Path | None = None, partial: bool = Fal
     options = next((sm["options"] for sm in summaries if isinstance(sm.get("options"), dict)), None)
     if fingerprint is None or options is None:
         return result  # shards of an older visionpipe: records only
+    try:
+        extra = _extra_from_merged(fingerprint, options, out)
+    except VisionpipeError as e:
+        log.warning("the records are merged, but not the files built from all of them (e.g. COCO results): %s", e)
+        return result
+    if extra is not None:
+        result["extra"] = [str(e) for e in extra]
+        if result.get("summary"):
+            merged = json.loads(Path(result["summary"]).read_text())
+            write_json(Path(result["summary"]), {**merged, "extra": result["extra"]})
+    return result
+
+
+def _extra_from_merged(fingerprint: dict[str, Any], options: dict[str, Any], out: Path) -> list[Path] | None:
+    """The task's files built from all records in ``out``/predictions.jsonl (None: the task writes none)."""
+    from visionpipe.manager import get_manager
+
     task_cls = get_manager().task(str(fingerprint["task"]))
     if not task_cls.image_predict:  # a task with its own predict writes no files from all records
-        return result
+        return None
     model = Path(str(fingerprint["model"]))
     if not model.is_file() or sha256_file(model) != fingerprint.get("model_sha256"):
-        log.warning("%s is gone or changed since the shards ran: the records are merged, but not the files built from "
-                    "all of them (e.g. COCO results); predict again to get those", model)
-        return result
+        raise VisionpipeError(f"{model} is gone or changed since the shards ran; predict again to get them")
     if model.suffix == ".onnx":
         from visionpipe.export.onnx import read_metadata
 
@@ -514,14 +529,13 @@ def merge_predictions(folder: Path, out: Path | None = None, partial: bool = Fal
         from visionpipe.infer.backends import open_backend
 
         metadata = open_backend(str(model), device="cpu")[1]
-    predictor = task_cls.build_predictor(metadata, options)
-    if writes_extra(predictor):
-        extra = predictor.write_extra(out, iter_jsonl(out / "predictions.jsonl"))
-        result["extra"] = [str(e) for e in extra]
-        if result.get("summary"):
-            merged = json.loads(Path(result["summary"]).read_text())
-            write_json(Path(result["summary"]), {**merged, "extra": result["extra"]})
-    return result
+    try:
+        predictor = task_cls.build_predictor(metadata, options)
+    except VisionpipeError as e:  # e.g. -o gt=FILE given relative to the folder the shards ran in
+        raise VisionpipeError(f"{e} (run merge from the folder the shards ran in)") from None
+    if not writes_extra(predictor):
+        return None
+    return predictor.write_extra(out, iter_jsonl(out / "predictions.jsonl"))
 
 
 def progress_is_live(progress: Any) -> bool:
