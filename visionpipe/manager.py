@@ -38,6 +38,11 @@ class PluginInfo:
     warnings: list[str] = field(default_factory=list)
 
 
+def _builtin(info: PluginInfo) -> bool:
+    """Whether ``info`` is one of visionpipe's own plugins (its distribution is visionpipe)."""
+    return info.distribution == "visionpipe"
+
+
 class PluginManager:
     """A pluggy manager plus the registries that plugins fill."""
 
@@ -69,7 +74,8 @@ class PluginManager:
             dist = getattr(ep, "dist", None)
             info = PluginInfo(ep.name, f"{ep.group}.{ep.name} = {ep.value}",
                               dist.name if dist else None, dist.version if dist else None)
-            taken = next((i for i in self.infos if i.name == ep.name and not i.error), None)
+            # a built-in keeps its name even when it failed to load (e.g. a missing dependency)
+            taken = next((i for i in self.infos if i.name == ep.name and (not i.error or _builtin(i))), None)
             self.infos.append(info)
             if taken is not None:
                 info.error = (f"the plugin name '{ep.name}' is already taken by {_origin(taken)}; "
@@ -142,6 +148,10 @@ class PluginManager:
             owner = next((i for i in loaded if name in i.tasks), None)
             if owner is not None:
                 return f"task '{name}' is already registered by {_origin(owner)}; give this plugin's task another name"
+            broken = next((i for i in self.infos if i is not info and i.error and _builtin(i) and i.name == name), None)
+            if broken is not None and not _builtin(info):  # a built-in task's name, while that plugin failed to load
+                return f"task '{name}' is the name of {_origin(broken)}, which failed to load; give this plugin's " \
+                       "task another name"
         for st in stages:
             if st.name in STAGE_ORDER or st.name in PipelineConfig.model_fields:
                 return f"stage '{st.name}' has the name of a built-in stage or pipeline key; give it another name"

@@ -353,3 +353,25 @@ def test_a_task_whose_build_model_takes_no_pretrained_runs_and_resumes(tmp_path)
     run_pipeline(str(p), run_dir=str(tmp_path / "run"), manager=mgr)
     ctx = run_pipeline(None, ["train.epochs=2"], resume=str(tmp_path / "run"), manager=mgr)
     assert ctx.metrics["train/epochs"] == 2
+
+
+def test_a_builtin_task_name_stays_reserved_while_its_plugin_failed_to_load():
+    from visionpipe import hookimpl
+    from visionpipe.errors import VisionpipeError
+    from visionpipe.manager import PluginInfo
+    from visionpipe_plugins.detection.task import DetectionTask
+
+    class Impostor(DetectionTask):
+        pass
+
+    class Registers:
+        @hookimpl
+        def visionpipe_register_tasks(self, register):
+            register(Impostor)
+
+    mgr = PluginManager(load_entry_points=False)
+    mgr.infos.append(PluginInfo("detection", "visionpipe.detection = visionpipe_plugins.detection", "visionpipe",
+                                "0.1.0", error="ModuleNotFoundError: No module named 'pycocotools'"))
+    third = PluginInfo("foo", "visionpipe.foo = foo", "visionpipe-foo", "1.0")
+    with pytest.raises(VisionpipeError, match="task 'detection' is the name of .*which failed to load"):
+        mgr.register(Registers(), "foo", third)  # was: took over `task: detection` pipelines

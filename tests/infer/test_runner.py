@@ -290,6 +290,9 @@ def test_resume_refuses_a_broken_line_in_the_middle_instead_of_cutting_the_recor
     assert again["skipped_already_done"] == 4 and again["images"] == 2
     got = [json.loads(x)["path"] for x in pred_file.read_text().splitlines() if x]
     assert got == [json.loads(x)["path"] for x in reference]
+    pred_file.write_text("\n".join([*reference[:3], "{torn", "", ""]) + "\n")  # only blank lines after it
+    again = predict(onnx_backend, tmp_path / "in", out)  # was: refused as "more records follow"
+    assert again["skipped_already_done"] == 3 and again["images"] == 3
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -101,25 +102,28 @@ def extract_state_dict(obj: dict[str, Any], path: str | os.PathLike = "weights")
     return sd
 
 
-_weights_read: list[list[Path]] = []
+_weights_read: ContextVar[tuple[list[Path], ...]] = ContextVar("visionpipe_weights_read", default=())
 
 
 @contextmanager
 def recording_weights_files() -> Iterator[list[Path]]:
-    """The weights files :func:`load_weights_file` reads inside the block (resolved), e.g. for the manifest."""
+    """The weights files :func:`load_weights_file` reads inside the block (resolved), e.g. for the manifest.
+
+    Per context (thread): pipelines run side by side in one process each record only their own.
+    """
     files: list[Path] = []
-    _weights_read.append(files)
+    token = _weights_read.set((*_weights_read.get(), files))
     try:
         yield files
     finally:
-        _weights_read.remove(files)
+        _weights_read.reset(token)
 
 
 def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = False,
                       prefix: str = "", skip_mismatched: bool = True) -> dict[str, list[str]]:
     """Load local weights into ``model``; shape-mismatched keys (e.g. a new head) are skipped and reported."""
     sd = extract_state_dict(load_checkpoint(path), path)
-    for files in _weights_read:
+    for files in _weights_read.get():
         files.append(Path(path).expanduser().resolve())
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

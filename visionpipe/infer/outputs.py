@@ -58,7 +58,7 @@ def read_done(path: Path) -> set[str]:
                 if raw.strip():
                     done.add(json.loads(raw)["path"])
             except (ValueError, KeyError, TypeError) as e:
-                if f.read(1):
+                if any(rest.strip() for rest in f):  # records (not just blank lines) after it
                     raise VisionpipeError(f"{path}:{lineno}: not a predict record ({type(e).__name__}: {e}) and more "
                                           "records follow; repair or move the file, or predict again with --overwrite"
                                           ) from None
