@@ -200,10 +200,14 @@ class PluginManager:
         def name_of(command: Any) -> str:
             return command.name or get_command_name(command.callback.__name__)
 
+        def group_name(group: Any) -> str | None:  # app.add_typer(sub, name=...): a command with sub-commands
+            info = getattr(getattr(group, "typer_instance", None), "info", None)
+            return group.name or getattr(info, "name", None)
+
         infos = {i.name: i for i in self.infos}
         for impl in self.pm.hook.visionpipe_register_commands.get_hookimpls():
-            before = len(app.registered_commands)
-            taken = {name_of(c) for c in app.registered_commands}
+            before, before_groups = len(app.registered_commands), len(app.registered_groups)
+            taken = {name_of(c) for c in app.registered_commands} | {group_name(g) for g in app.registered_groups}
             problems = []
             try:
                 impl.function(**{name: app for name in impl.argnames})  # the spec's only argument is `app`
@@ -214,6 +218,12 @@ class PluginManager:
             if clashing:
                 app.registered_commands[before:] = [c for c in added if c not in clashing]
                 problems += [f"command '{name_of(c)}' is already a visionpipe command; not added" for c in clashing]
+            groups = app.registered_groups[before_groups:]
+            clashing_groups = [g for g in groups if group_name(g) in taken]
+            if clashing_groups:
+                app.registered_groups[before_groups:] = [g for g in groups if g not in clashing_groups]
+                problems += [f"command '{group_name(g)}' is already a visionpipe command; not added"
+                             for g in clashing_groups]
             for problem in problems:
                 if impl.plugin_name in infos:
                     infos[impl.plugin_name].warnings.append(problem)

@@ -208,6 +208,13 @@ def test_a_plugin_command_cannot_replace_a_builtin_one():
             def extra_thing() -> None:
                 """A command of its own."""
 
+            group = typer.Typer()
+            app.add_typer(group, name="export")  # a group of sub-commands under a built-in's name
+
+            @group.command()
+            def other() -> None:
+                """Not visionpipe's export."""
+
     app = typer.Typer()
     app.registered_commands = list(cli_app.registered_commands)  # the built-in commands, without plugins'
     mgr = PluginManager(load_entry_points=False)
@@ -216,7 +223,9 @@ def test_a_plugin_command_cannot_replace_a_builtin_one():
     runs = [c for c in app.registered_commands if (c.name or c.callback.__name__) == "run"]
     assert len(runs) == 1 and runs[0].callback.__module__ == "visionpipe.cli"
     assert app.registered_commands[-1].callback.__name__ == "extra_thing"
-    assert mgr.infos[0].warnings == ["command 'run' is already a visionpipe command; not added"]
+    assert app.registered_groups == []
+    assert mgr.infos[0].warnings == ["command 'run' is already a visionpipe command; not added",
+                                     "command 'export' is already a visionpipe command; not added"]
 
 
 def test_a_plugin_stage_writes_in_the_run_folder_and_cannot_leave_it(tmp_path, tiny_pipeline):
