@@ -257,35 +257,45 @@ def test_a_plugin_stage_writes_in_the_run_folder_and_cannot_leave_it(tmp_path, t
     assert not (tmp_path / "escape.json").exists()
 
 
-def test_a_task_missing_a_required_method_is_named_in_the_error(tmp_path):
+def _sum_regression(task_name: str, with_val: bool, takes_pretrained: bool = True) -> tuple[type, PluginManager]:
+    """A tiny in-code task learning x -> sum(x), and a plugin manager whose only plugin registers it."""
     import torch
     from torch import nn
     from torch.utils.data import TensorDataset
 
     from visionpipe import hookimpl
-    from visionpipe.pipeline import run_pipeline
     from visionpipe.task import DataBundle, Task
 
-    class Mini(Task):  # no evaluate(), though it has a val split
-        name = "mini"
+    class Sum(Task):
+        name = task_name
 
         def build_data(self):
             x = torch.rand(8, 4)
-            return DataBundle(train=TensorDataset(x, x.sum(1, keepdim=True)), val=TensorDataset(x, x.sum(1, keepdim=True)))
-
-        def build_model(self, info, *, pretrained=True):
-            return nn.Linear(4, 1)
+            data = TensorDataset(x, x.sum(1, keepdim=True))
+            return DataBundle(train=data, val=data if with_val else None)
 
         def training_step(self, model, batch):
             return {"loss": nn.functional.mse_loss(model(batch[0]), batch[1])}
 
+    if takes_pretrained:
+        Sum.build_model = lambda self, info, *, pretrained=True: nn.Linear(4, 1)
+    else:  # written before `pretrained` existed
+        Sum.build_model = lambda self, info: nn.Linear(4, 1)
+
     class Plugin:
         @hookimpl
         def visionpipe_register_tasks(self, register):
-            register(Mini)
+            register(Sum)
 
     mgr = PluginManager(load_entry_points=False)
-    mgr.register(Plugin(), "mini")
+    mgr.register(Plugin(), task_name)
+    return Sum, mgr
+
+
+def test_a_task_missing_a_required_method_is_named_in_the_error(tmp_path):
+    from visionpipe.pipeline import run_pipeline
+
+    _, mgr = _sum_regression("mini", with_val=True)  # no evaluate(), though it has a val split
     p = tmp_path / "mini.yaml"
     p.write_text("task: mini\ndevice: cpu\nload: {}\nmodel: {}\ntrain: {epochs: 1, batch_size: 4}\n")
     with pytest.raises(NotImplementedError, match=r"^task mini does not implement Task.evaluate\(\) \(validation"):
@@ -329,41 +339,14 @@ def test_the_example_plugin_prepares_images_the_same_in_training_and_predict(tmp
 
 
 def test_a_task_whose_build_model_takes_no_pretrained_runs_and_resumes(tmp_path):
-    import torch
-    from torch import nn
-    from torch.utils.data import TensorDataset
-
-    from visionpipe import hookimpl
     from visionpipe.pipeline import run_pipeline
-    from visionpipe.task import DataBundle, Task
 
-    class Old(Task):
-        name = "old"
-
-        def build_data(self):
-            x = torch.rand(8, 4)
-            return DataBundle(train=TensorDataset(x, x.sum(1, keepdim=True)))
-
-        def build_model(self, info):  # written before `pretrained` existed
-            return nn.Linear(4, 1)
-
-        def training_step(self, model, batch):
-            return {"loss": nn.functional.mse_loss(model(batch[0]), batch[1])}
-
-    class Plugin:
-        @hookimpl
-        def visionpipe_register_tasks(self, register):
-            register(Old)
-
-    mgr = PluginManager(load_entry_points=False)
-    mgr.register(Plugin(), "old")
+    _, mgr = _sum_regression("old", with_val=False, takes_pretrained=False)
     p = tmp_path / "old.yaml"
     p.write_text("task: old\ndevice: cpu\nload: {}\nmodel: {}\ntrain: {epochs: 1, batch_size: 4}\n")
     run_pipeline(str(p), run_dir=str(tmp_path / "run"), manager=mgr)
     ctx = run_pipeline(None, ["train.epochs=2"], resume=str(tmp_path / "run"), manager=mgr)
     assert ctx.metrics["train/epochs"] == 2
-
-
 def test_a_builtin_task_name_stays_reserved_while_its_plugin_failed_to_load():
     from visionpipe import hookimpl
     from visionpipe.errors import VisionpipeError
