@@ -100,14 +100,8 @@ class PluginManager:
         self._tasks = self._stages = None
         # collect what this plugin registers right away, so failures are attributed to it
         try:
-            tasks: list = []
-            hook = getattr(plugin, "visionpipe_register_tasks", None)
-            if hook:
-                hook(register=tasks.append)
-            stages: list = []
-            hook = getattr(plugin, "visionpipe_register_stages", None)
-            if hook:
-                hook(register=stages.append)
+            tasks = self._registered_by(plugin, "visionpipe_register_tasks")
+            stages = self._registered_by(plugin, "visionpipe_register_stages")
             problem = self._clash(plugin, info, tasks, stages)
         except Exception as e:
             self.pm.unregister(plugin)
@@ -160,6 +154,14 @@ class PluginManager:
                 return f"stage '{st.name}' is already registered by {_origin(owner)}; give this plugin's stage another name"
         return None
 
+    def _registered_by(self, plugin: object, hook_name: str) -> list[Any]:
+        """What ``plugin``'s implementations of register hook ``hook_name`` register (under any function name)."""
+        found: list[Any] = []
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(register=found.append)
+        return found
+
     @property
     def tasks(self) -> dict[str, type[Task]]:
         """Task name → task class, from every loaded plugin."""
@@ -169,12 +171,9 @@ class PluginManager:
                 if info.error:
                     continue
                 plugin = self.pm.get_plugin(info.name)
-                hook = getattr(plugin, "visionpipe_register_tasks", None)
-                if plugin is None or hook is None:
+                if plugin is None:
                     continue
-                found: list = []
-                hook(register=found.append)
-                for t in found:
+                for t in self._registered_by(plugin, "visionpipe_register_tasks"):
                     if t.name in out:
                         log.warning("task %r from plugin %r shadows one registered earlier", t.name, info.name)
                     out[t.name] = t

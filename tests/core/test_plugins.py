@@ -142,6 +142,33 @@ def test_hooks_that_are_no_hooks_and_clashing_stages_are_refused_naming_the_plug
     assert [i.name for i in mgr.infos] == ["renamed", "first"] and list(mgr.stages) == ["report"]
 
 
+def test_register_hooks_under_another_function_name_are_collected_and_checked():
+    """pluggy's specname= lets a plugin name its hook functions freely; the registry reads them like the others."""
+    from visionpipe import hookimpl
+    from visionpipe.errors import VisionpipeError
+    from visionpipe.pipeline import StageDef
+
+    Sum, _ = _sum_regression("renamed_sum", with_val=False)
+
+    class Renamed:
+        def __init__(self, stage: str) -> None:
+            self.stage = stage
+
+        @hookimpl(specname="visionpipe_register_tasks")
+        def tasks(self, register):
+            register(Sum)
+
+        @hookimpl(specname="visionpipe_register_stages")
+        def stages(self, register):
+            register(StageDef(self.stage, lambda ctx, block: None))
+
+    mgr = PluginManager(load_entry_points=False)
+    mgr.register(Renamed("summary"), "renamed")  # its task was silently missing from mgr.tasks
+    assert mgr.task("renamed_sum") is Sum and list(mgr.stages) == ["summary"]
+    with pytest.raises(VisionpipeError, match="stage 'export' has the name of a built-in stage"):  # was not checked
+        PluginManager(load_entry_points=False).register(Renamed("export"), "again")
+
+
 def test_broken_plugin_does_not_break_other_commands(site, tmp_path, tiny_pipeline):
     proc = run_cli("validate", str(tiny_pipeline()), cwd=tmp_path, env=env_with(site))
     assert "task: classification" in proc.stdout
