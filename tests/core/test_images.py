@@ -100,6 +100,17 @@ def test_too_small_and_missing(tmp_path):
         read_image(p)
     with pytest.raises(ImageReadError, match="file not found"):
         read_image(tmp_path / "nope.png")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImageReadError, match="cannot read"):
+        read_image(tmp_path / "folder.png")
+
+
+def test_a_file_larger_than_one_read_comes_back_whole(tmp_path):
+    from visionpipe.images import _read_bytes
+
+    data = np.random.default_rng(0).bytes((1 << 22) + 12345)  # more than one os.read
+    (tmp_path / "big.bin").write_bytes(data)
+    assert _read_bytes(str(tmp_path / "big.bin")) == data
 
 
 def test_check_images_splits_good_and_bad_without_touching_files(tmp_path):

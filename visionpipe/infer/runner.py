@@ -429,7 +429,9 @@ def predict_images(backend: Backend, predictor: Predictor, source: str, out_dir:
         log.info("resuming: %d input(s) already in %s are skipped", len(done), out_dir)
     src_root = Path(source) if Path(source).is_dir() else None
     # out_dir may lie inside the source folder (predict . from the images' folder): its drawings are no inputs
-    items = ((k, p) for k, p in iter_indexed(source, s.shard, exclude=out_dir) if os.path.abspath(p) not in done)
+    items = iter_indexed(source, s.shard, exclude=out_dir)
+    if done:
+        items = ((k, p) for k, p in items if os.path.abspath(p) not in done)
     decoder = _Decoder(predictor, s.save_images)
     chunk = max(1, min(8, s.batch_size // max(1, s.workers))) if s.pool == "processes" else 1
     decoded = ordered_map(decoder, items, s.workers, s.window, pool=s.pool, chunk=chunk)
