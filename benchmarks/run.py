@@ -41,7 +41,7 @@ log = logging.getLogger("bench")
 
 # Repetitions per side. Figures 1-2 get more: on a shared VM one 1,000-image repetition of either
 # side varies by ~10% (the noise decorrelates within ~1 s, so pairing cancels little of it), which
-# puts the median of 11 paired ratios ~0.04 either side of its value; 25 halve that band.
+# gives the median of 11 paired ratios a standard error of ~0.04; 25 bring it to ~0.025.
 REPS, PREDICT_REPS = 11, 25
 
 
