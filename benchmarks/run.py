@@ -33,7 +33,16 @@ os.environ.setdefault("VISIONPIPE_PROGRESS", "0")
 
 import gpu  # noqa: E402
 import measure  # noqa: E402
-from setup_bench import IMAGE_FORMATS, Bench, image_folder, machine, prepare, preprocessed  # noqa: E402
+from setup_bench import (  # noqa: E402
+    GENERATED_SIZE,
+    IMAGE_FORMATS,
+    Bench,
+    at_input_size,
+    image_folder,
+    machine,
+    prepare,
+    preprocessed,
+)
 
 from visionpipe.infer.backends import split_cores  # noqa: E402
 
@@ -257,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="figures to run, e.g. 1,3 (default 1-5; 6-9 with --gpu)")
     ap.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
                     help="files figures 1-2 read: the generated PNGs (default) or JPEG copies of them")
+    ap.add_argument("--input-size", type=int, default=None, metavar="PX",
+                    help=f"figures 1-2 at PX x PX: the model re-exported at that input size and the pictures "
+                         f"resized to it (default: the model's own {GENERATED_SIZE})")
+    ap.add_argument("--images", type=int, default=None, metavar="N",
+                    help="images per repetition of figures 1-3 (default 1000; quick 128); e.g. 320 at --input-size 224")
     ap.add_argument("--reps", type=int, default=None,
                     help=f"repetitions per side (default {PREDICT_REPS} for figures 1-2, {REPS} for the others; quick 1)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "visionpipe-bench",
@@ -272,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (1 if args.quick or args.gpu_smoke else REPS)
     predict_reps = args.reps or (1 if args.quick else PREDICT_REPS)
     bs = 32
-    n_images = 128 if args.quick else 1000
+    n_images = args.images or (128 if args.quick else 1000)
+    if n_images < bs or (args.input_size is not None and args.input_size < 32):
+        ap.error(f"--images needs at least {bs} (one batch) and --input-size at least 32")
     steps = 3 if args.quick else 20
     small, large = (100, 1000) if args.quick else (1000, 10000)
 
@@ -285,15 +301,19 @@ def main(argv: list[str] | None = None) -> int:
         b = prepare(args.workdir, args.quick, args.fresh)
         log.info("setup: %.0f s (model test top-1 %s)", b.setup_seconds, b.test_top1)
         folder = image_folder(b, "predict", n_images, args.image_format)
+        b12 = at_input_size(b, args.input_size) if only & {1, 2} else b  # figures 1-2 at --input-size
+        folder12 = image_folder(b, "predict", n_images, args.image_format, args.input_size) if b12 is not b else folder
+        size = b12.metadata["input_size"]
         print(f"visionpipe benchmarks{' (quick smoke run: goals not checked)' if args.quick else ''}: "
-              f"{b.metadata['model']} {b.metadata['input_size'][0]}x{b.metadata['input_size'][1]}, "
+              f"{b.metadata['model']} {size[0]}x{size[1]}{' (figures 1-2)' if b12 is not b else ''}, "
               f"{len(b.metadata['class_names'])} classes, {args.image_format.upper()} files; {info['cores']} cores of {info['cpu']}; "
               f"onnxruntime {info['onnxruntime']}, torch {info['torch']}; "
               f"load avg {info['load_avg_1min_at_start']:.1f}", flush=True)
         # figures 1-3 share the decoded, preprocessed images (made once, only when one of them runs)
-        x = preprocessed(b, folder) if only & {1, 2, 3} else np.empty(0)
-        runners = {1: lambda: fig_predict_vs_raw(b, folder, x, bs, predict_reps),
-                   2: lambda: fig_predict_vs_torch(b, folder, x, bs, predict_reps),
+        x = preprocessed(b, folder) if only & {3} or (only & {1, 2} and b12 is b) else np.empty(0)
+        x12 = x if b12 is b else preprocessed(b12, folder12)
+        runners = {1: lambda: fig_predict_vs_raw(b12, folder12, x12, bs, predict_reps),
+                   2: lambda: fig_predict_vs_torch(b12, folder12, x12, bs, predict_reps),
                    3: lambda: fig_int8(b, x, bs, reps),
                    4: lambda: fig_training(b, steps, bs, reps),
                    5: lambda: fig_memory(b, small, large, bs)}
@@ -330,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "gpu_smoke": args.gpu_smoke,
-                                         "reps": reps, "predict_reps": predict_reps, "image_format": args.image_format, "seconds": round(total, 1),
+                                         "reps": reps, "predict_reps": predict_reps, "image_format": args.image_format,
+                                         "input_size_figures_1_2": args.input_size or GENERATED_SIZE,
+                                         "images": n_images, "seconds": round(total, 1),
                                          "model_test_top1": b.test_top1 if b else None,
                                          "figures": [f.__dict__ for f in figures]}, indent=2, default=str))
     return 1 if (args.check and missed) else 0

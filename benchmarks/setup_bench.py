@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger("bench")
+GENERATED_SIZE = 64  # the shapes' side in pixels, and the benchmark model's input size
 
 PIPELINE = """\
 task: classification
@@ -27,9 +28,9 @@ load:
   train: train
   val: val
   test: test
-  generate: {{per_class: {per_class}, image_size: 64}}
+  generate: {{per_class: {per_class}, image_size: {size}}}
 augment:
-  image_size: [64, 64]
+  image_size: [{size}, {size}]
   mean: [0.5, 0.5, 0.5]
   std: [0.25, 0.25, 0.25]
   train:
@@ -97,7 +98,7 @@ def prepare(root: Path, quick: bool, fresh: bool = False) -> Bench:
     per_class, epochs = (40, 1) if quick else (600, 10)  # as pipelines/classify.yaml: ~0.98 top-1
     tag = f"pc{per_class}-ep{epochs}-bs32"
     pipeline = root / f"bench-{tag}.yaml"
-    pipeline.write_text(PIPELINE.format(root=root, per_class=per_class, epochs=epochs))
+    pipeline.write_text(PIPELINE.format(root=root, per_class=per_class, epochs=epochs, size=GENERATED_SIZE))
     run_dir = root / "runs" / tag
     done = run_dir / "manifest.json"
     if fresh or not (done.is_file() and json.loads(done.read_text()).get("status") == "finished"):
@@ -160,13 +161,37 @@ def quantize(run_dir: Path, fp32: Path, int8: Path) -> dict[str, Any]:
 IMAGE_FORMATS = ("png", "jpeg")
 
 
-def image_folder(bench: Bench, name: str, count: int, fmt: str = "png") -> Path:
+def at_input_size(bench: Bench, size: int | None) -> Bench:
+    """The benchmark with its model exported at ``size`` x ``size`` (cached next to model.onnx).
+
+    ResNet-18 ends in a global average pool, so the trained weights run at any input size; only
+    speed is measured at other sizes, so the accuracy there does not matter.
+    """
+    if size is None or size == GENERATED_SIZE:
+        return bench
+    from dataclasses import replace
+
+    from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
+    from visionpipe.export.onnx import export_onnx, read_metadata
+
+    onnx_path = bench.run_dir / f"model-{size}px.onnx"
+    if not onnx_path.is_file():
+        task, model, state = task_and_model_from_checkpoint(bench.checkpoint)
+        task.cfg.augment.image_size = [size, size]
+        export_onnx(task.export_spec(model, None, state.get("info", {}), 0), onnx_path, opset=17)
+    return replace(bench, onnx=onnx_path, metadata=read_metadata(onnx_path))
+
+
+def image_folder(bench: Bench, name: str, count: int, fmt: str = "png", size: int | None = None) -> Path:
     """A folder of ``count`` images, the generated ones cycled (decoding cost is real).
 
     ``png``: hard links to the generated PNGs. ``jpeg``: the same pictures re-encoded as JPEG
-    (quality 95, 4:2:0), the format of most large image collections.
+    (quality 95, 4:2:0), the format of most large image collections. ``size``: the pictures
+    resized (bilinear) to ``size`` x ``size`` and written in that format.
     """
-    folder = bench.root / "images" / (f"{name}-{count}" if fmt == "png" else f"{name}-{count}-{fmt}")
+    resized = size is not None and size != GENERATED_SIZE
+    folder = bench.root / "images" / (f"{name}-{count}" + ("" if fmt == "png" else f"-{fmt}")
+                                      + (f"-{size}px" if resized else ""))
     marker = folder / ".complete"
     if marker.is_file():
         return folder
@@ -183,8 +208,11 @@ def image_folder(bench: Bench, name: str, count: int, fmt: str = "png") -> Path:
         dest = sub / f"{i:06d}.{'png' if fmt == 'png' else 'jpg'}"
         if dest.exists():
             continue
-        if fmt == "jpeg":
-            if not cv2.imwrite(str(dest), cv2.imread(src), [cv2.IMWRITE_JPEG_QUALITY, 95]):
+        if fmt == "jpeg" or resized:
+            img = cv2.imread(src)
+            if resized:
+                img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+            if not cv2.imwrite(str(dest), img, [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpeg" else []):
                 raise OSError(f"cannot write {dest}")
             continue
         try:

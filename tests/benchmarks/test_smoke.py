@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
+
+from visionpipe.export.onnx import read_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,3 +37,17 @@ def test_quick_benchmark_prints_and_records_all_five_figures(tmp_path):
     int8 = res["figures"][2]["data"]["accuracy"]
     assert 0.0 <= int8["top1_fp32"] <= 1.0 and 0.0 <= int8["top1_int8"] <= 1.0
     assert res["figures"][4]["data"]["rss"]["1000"]["peak_rss_mb"] > 0
+
+    # figures 1-2 at another input size reuse the trained model, re-exported at that size
+    out96 = tmp_path / "results-96.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "1,2",
+                           "--input-size", "96", "--images", "64", "--workdir", str(tmp_path / "work"),
+                           "--json", str(out96)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "96x96 (figures 1-2)" in proc.stdout and "training the benchmark model" not in proc.stderr
+    res = json.loads(out96.read_text())
+    assert res["input_size_figures_1_2"] == 96 and res["images"] == 64
+    assert [f["number"] for f in res["figures"]] == [1, 2] and all(f["ratio"] > 0 for f in res["figures"])
+    pictures = sorted((tmp_path / "work" / "images" / "predict-64-96px").rglob("*.png"))
+    assert len(pictures) == 64 and cv2.imread(str(pictures[0])).shape == (96, 96, 3)
+    assert read_metadata(tmp_path / "work" / "runs" / "pc40-ep1-bs32" / "model-96px.onnx")["input_size"] == [96, 96]
