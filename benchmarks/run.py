@@ -300,21 +300,26 @@ def main(argv: list[str] | None = None) -> int:
     if only - set(GPU_FIGURES):
         b = prepare(args.workdir, args.quick, args.fresh)
         log.info("setup: %.0f s (model test top-1 %s)", b.setup_seconds, b.test_top1)
-        folder = image_folder(b, "predict", n_images, args.image_format)
         b12 = at_input_size(b, args.input_size) if only & {1, 2} else b  # figures 1-2 at --input-size
-        folder12 = image_folder(b, "predict", n_images, args.image_format, args.input_size) if b12 is not b else folder
         size = b12.metadata["input_size"]
         print(f"visionpipe benchmarks{' (quick smoke run: goals not checked)' if args.quick else ''}: "
               f"{b.metadata['model']} {size[0]}x{size[1]}{' (figures 1-2)' if b12 is not b else ''}, "
               f"{len(b.metadata['class_names'])} classes, {args.image_format.upper()} files; {info['cores']} cores of {info['cpu']}; "
               f"onnxruntime {info['onnxruntime']}, torch {info['torch']}; "
               f"load avg {info['load_avg_1min_at_start']:.1f}", flush=True)
-        # figures 1-3 share the decoded, preprocessed images (made once, only when one of them runs)
-        x = preprocessed(b, folder) if only & {3} or (only & {1, 2} and b12 is b) else np.empty(0)
-        x12 = x if b12 is b else preprocessed(b12, folder12)
-        runners = {1: lambda: fig_predict_vs_raw(b12, folder12, x12, bs, predict_reps),
-                   2: lambda: fig_predict_vs_torch(b12, folder12, x12, bs, predict_reps),
-                   3: lambda: fig_int8(b, x, bs, reps),
+        # figures 1-3 share the image folder and its decoded, preprocessed images (made once per
+        # model input size, when the first figure that needs them runs)
+        inputs: dict[Path, tuple[Path, np.ndarray]] = {}
+
+        def images(bench: Bench) -> tuple[Path, np.ndarray]:
+            if bench.onnx not in inputs:
+                folder = image_folder(bench, "predict", n_images, args.image_format)
+                inputs[bench.onnx] = folder, preprocessed(bench, folder)
+            return inputs[bench.onnx]
+
+        runners = {1: lambda: fig_predict_vs_raw(b12, *images(b12), bs, predict_reps),
+                   2: lambda: fig_predict_vs_torch(b12, *images(b12), bs, predict_reps),
+                   3: lambda: fig_int8(b, images(b)[1], bs, reps),
                    4: lambda: fig_training(b, steps, bs, reps),
                    5: lambda: fig_memory(b, small, large, bs)}
         for k in sorted(only - set(GPU_FIGURES)):

@@ -182,14 +182,15 @@ def at_input_size(bench: Bench, size: int | None) -> Bench:
     return replace(bench, onnx=onnx_path, metadata=read_metadata(onnx_path))
 
 
-def image_folder(bench: Bench, name: str, count: int, fmt: str = "png", size: int | None = None) -> Path:
+def image_folder(bench: Bench, name: str, count: int, fmt: str = "png") -> Path:
     """A folder of ``count`` images, the generated ones cycled (decoding cost is real).
 
     ``png``: hard links to the generated PNGs. ``jpeg``: the same pictures re-encoded as JPEG
-    (quality 95, 4:2:0), the format of most large image collections. ``size``: the pictures
-    resized (bilinear) to ``size`` x ``size`` and written in that format.
+    (quality 95, 4:2:0), the format of most large image collections. For a bench of
+    :func:`at_input_size`, the pictures resized (bilinear) to its model's input size.
     """
-    resized = size is not None and size != GENERATED_SIZE
+    size = bench.metadata["input_size"][0]
+    resized = size != GENERATED_SIZE
     folder = bench.root / "images" / (f"{name}-{count}" + ("" if fmt == "png" else f"-{fmt}")
                                       + (f"-{size}px" if resized else ""))
     marker = folder / ".complete"
