@@ -371,7 +371,8 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
                                       f"folder, and not in {', '.join(RESERVED_DIRS)})", ("export", "file"))
     ctx.model.eval()
     spec = ctx.task.export_spec(ctx.model.cpu(), ctx.data, ctx.info, cfg.parity_samples)
-    report = export_onnx(spec, out, opset=cfg.opset, tolerance=cfg.tolerance, dynamic_batch=cfg.dynamic_batch)
+    report = export_onnx(spec, out, opset=cfg.opset, tolerance=cfg.tolerance, dynamic_batch=cfg.dynamic_batch,
+                         conv_to_matmul=cfg.conv_to_matmul)
     ctx.model.to(ctx.device)
     ctx.outputs["onnx"] = str(out)
     ctx.manifest["export"] = report

@@ -53,10 +53,16 @@ def _ort_version() -> str:
 
 
 def export_onnx(spec: ExportSpec, out: str | os.PathLike, *, opset: int = 17, tolerance: float = 1e-3,
-                dynamic_batch: bool = True) -> dict[str, Any]:
-    """Export ``spec.module`` to ``out`` atomically; raise ExportError if parity exceeds ``tolerance``."""
+                dynamic_batch: bool = True, conv_to_matmul: bool = True) -> dict[str, Any]:
+    """Export ``spec.module`` to ``out`` atomically; raise ExportError if parity exceeds ``tolerance``.
+
+    ``conv_to_matmul``: convolutions on maps so small that every output sees every input become one
+    matrix product (:mod:`visionpipe.export.small_convs`); the parity check runs on the result.
+    """
     import onnx
     import onnxruntime as ort
+
+    from visionpipe.export.small_convs import convs_to_matmul
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset}: visionpipe exports opsets {MIN_OPSET}-{MAX_OPSET}")
@@ -84,6 +90,10 @@ def export_onnx(spec: ExportSpec, out: str | os.PathLike, *, opset: int = 17, to
                 model = spec.postprocess_onnx(model)
             except Exception as e:
                 raise ExportError(f"ONNX post-processing failed: {type(e).__name__}: {e}") from e
+        as_matmul = convs_to_matmul(model) if conv_to_matmul else []
+        if as_matmul:
+            log.info("%d convolution(s) on maps where every output sees every input run as matrix products: %s",
+                     len(as_matmul), ", ".join(as_matmul))
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as e:
@@ -114,7 +124,7 @@ def export_onnx(spec: ExportSpec, out: str | os.PathLike, *, opset: int = 17, to
     size = out.stat().st_size
     log.info("exported %s (%.1f MB), parity max abs diff %.2e on %d input(s)", out, size / 1e6, worst, len(inputs))
     return {"file": out.name, "opset": opset, "max_abs_diff": worst, "tolerance": tolerance,
-            "parity_inputs": len(inputs), "bytes": size, "checker": "passed"}
+            "parity_inputs": len(inputs), "bytes": size, "checker": "passed", "convs_as_matmul": len(as_matmul)}
 
 
 def _sparse_tensors(graph: Any) -> Any:
