@@ -139,15 +139,22 @@ def _decode_fast(data: bytes) -> np.ndarray | None:
 
 
 def _read_bytes(path: str) -> bytes:
-    """The whole file, with plain system calls (half the per-file cost of ``open().read()`` on small images)."""
+    """The whole file, with plain system calls (half the per-file cost of ``open().read()`` on small images).
+
+    One read of the file's size (plus one byte, to see the end) in the common case; a file that grows
+    meanwhile, or reports no size, is read on to its end."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
-        chunks = []
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1 if size else 1 << 16)
+        if size and len(data) == size:  # asked for one byte more than there is: that was all of it
+            return data
+        chunks = [data]
         while chunk := os.read(fd, 1 << 22):
             chunks.append(chunk)
     finally:
         os.close(fd)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:

@@ -98,17 +98,40 @@ def test_dynamic_int8_of_a_gru_model_says_it_stays_float(tmp_path, caplog):
     assert "stays float" in caplog.text
 
 
+def _export_without_conv_matmuls(tiny_model, path):
+    """The tiny model exported with every convolution left a Conv (no ``conv_to_matmul``)."""
+    from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
+    from visionpipe.export.onnx import export_onnx
+
+    task, model, state = task_and_model_from_checkpoint(tiny_model.checkpoint)
+    export_onnx(task.export_spec(model, None, state.get("info", {}), 0), path, conv_to_matmul=False)
+    return path
+
+
 def test_dynamic_int8_keeps_the_classifier_head_float_and_says_nothing_was_quantized(tiny_model, tmp_path, caplog):
     """onnxruntime turns the head's Gemm into '<name>_MatMul' before excluding nodes; the head must stay float."""
-    report = quantize_onnx(tiny_model.onnx, tmp_path / "dyn.onnx", "dynamic")
+    convs_only = _export_without_conv_matmuls(tiny_model, tmp_path / "convs.onnx")
+    report = quantize_onnx(convs_only, tmp_path / "dyn.onnx", "dynamic")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "dyn.onnx")).graph.node}
     assert not ops & {"MatMulInteger", "DynamicQuantizeLinear"}, ops
     assert report["quantized_nodes"] == 0 and "/model/fc/Gemm" in report["kept_float"]
     assert "quantized no layer: the model written stays float" in caplog.text
     x = {"images": np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)}
-    a = open_backend(str(tiny_model.onnx), "cpu")[0].run(x)
+    a = open_backend(str(convs_only), "cpu")[0].run(x)
     b = open_backend(str(tmp_path / "dyn.onnx"), "cpu")[0].run(x)
     assert np.abs(a[0] - b[0]).max() < 1e-4, "a float model: the same logits"
+
+
+def test_dynamic_int8_quantizes_the_convolutions_exported_as_matrix_products(tiny_model, tmp_path):
+    """At 32x32 a resnet18's last two stages work on 2x2 and 1x1 maps: exported as matrix products, which
+    dynamic int8 quantizes (the head still stays float)."""
+    report = quantize_onnx(tiny_model.onnx, tmp_path / "dyn.onnx", "dynamic")
+    nodes = onnx.load(str(tmp_path / "dyn.onnx")).graph.node
+    as_matmul = [n for n in onnx.load(str(tiny_model.onnx)).graph.node if n.name.endswith("/as_matmul/gemm")]
+    assert as_matmul and report["quantized_nodes"] > 0
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == len(as_matmul)
+    assert "/model/fc/Gemm" in report["kept_float"]
+    assert any(n.op_type in ("MatMul", "Gemm") and n.name.startswith("/model/fc/") for n in nodes)
 
 
 def test_static_without_calibration_images_is_an_error(tiny_model, tmp_path):

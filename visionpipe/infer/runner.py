@@ -101,7 +101,7 @@ class Settings:
                    None if pin is None or pin == "auto" else bool(pin))
 
 
-@dataclass
+@dataclass(slots=True)
 class Decoded:
     """One input after decode + preprocess (or the reason it failed)."""
 
@@ -168,7 +168,7 @@ def _groups(batch: list[Decoded], batchable: bool) -> list[list[Decoded]]:
     if not batchable:
         return [[it] for it in batch]
     groups: list[list[Decoded]] = []
-    key_of = lambda it: tuple((k, v.shape, v.dtype.str) for k, v in it.feed.items())  # noqa: E731
+    key_of = lambda it: [(k, v.shape, v.dtype) for k, v in it.feed.items()]  # noqa: E731
     last = None
     for it in batch:
         key = key_of(it)
