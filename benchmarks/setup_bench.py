@@ -111,6 +111,11 @@ def prepare(root: Path, quick: bool, fresh: bool = False) -> Bench:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     onnx_path, int8 = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     report_file = run_dir / "model.int8.json"
+    manifest = json.loads(done.read_text())
+    if not _export_is_current(run_dir / "model.export.json", manifest.get("export", {})):
+        log.info("re-exporting %s: it was written by an older visionpipe export", onnx_path)
+        _export(run_dir / "checkpoints" / "best.pt", onnx_path, None)
+        report_file.unlink(missing_ok=True)  # and quantize the new model again
     if fresh or not report_file.is_file():
         report = quantize(run_dir, onnx_path, int8)
         from visionpipe.io import write_json
@@ -119,6 +124,26 @@ def prepare(root: Path, quick: bool, fresh: bool = False) -> Bench:
     return Bench(root, run_dir, onnx_path, int8, run_dir / "checkpoints" / "best.pt", pipeline,
                  read_metadata(onnx_path), json.loads(report_file.read_text()), metrics.get("test/top1"),
                  time.perf_counter() - t0)
+
+
+def _export_is_current(report_file: Path, report: dict[str, Any]) -> bool:
+    """Whether a cached model was exported by this code's export (which reports ``convs_as_matmul``)."""
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+    return "convs_as_matmul" in report
+
+
+def _export(checkpoint: Path, onnx_path: Path, size: int | None) -> None:
+    """Export ``checkpoint`` to ``onnx_path`` (at ``size`` x ``size`` when given); the report beside it."""
+    from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
+    from visionpipe.export.onnx import export_onnx
+    from visionpipe.io import write_json
+
+    task, model, state = task_and_model_from_checkpoint(checkpoint)
+    if size is not None:
+        task.cfg.augment.image_size = [size, size]
+    report = export_onnx(task.export_spec(model, None, state.get("info", {}), 0), onnx_path, opset=17)
+    write_json(onnx_path.with_suffix(".export.json"), report)
 
 
 def eval_samples(run_dir: Path) -> tuple[list[str], list[int]]:
@@ -171,14 +196,11 @@ def at_input_size(bench: Bench, size: int | None) -> Bench:
         return bench
     from dataclasses import replace
 
-    from visionpipe.export.checkpoint_model import task_and_model_from_checkpoint
-    from visionpipe.export.onnx import export_onnx, read_metadata
+    from visionpipe.export.onnx import read_metadata
 
     onnx_path = bench.run_dir / f"model-{size}px.onnx"
-    if not onnx_path.is_file():
-        task, model, state = task_and_model_from_checkpoint(bench.checkpoint)
-        task.cfg.augment.image_size = [size, size]
-        export_onnx(task.export_spec(model, None, state.get("info", {}), 0), onnx_path, opset=17)
+    if not (onnx_path.is_file() and _export_is_current(onnx_path.with_suffix(".export.json"), {})):
+        _export(bench.checkpoint, onnx_path, size)
     return replace(bench, onnx=onnx_path, metadata=read_metadata(onnx_path))
 
 
