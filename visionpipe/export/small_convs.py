@@ -123,7 +123,7 @@ def convs_to_matmul(model: Any) -> list[str]:
             nodes.append(node)
             continue
         k, (oh, ow), y = weight.shape[0], geo.out_hw, node.output[0]
-        base = f"{node.name or y}/as_matmul"
+        base = f"{y}/as_matmul"  # output names are unique in a graph; node names need not be
         added += [numpy_helper.from_array(dense_matrix(weight, geo), f"{base}/matrix"),
                   numpy_helper.from_array(np.array([0, k, oh, ow], np.int64), f"{base}/shape")]
         nodes.append(helper.make_node("Flatten", [node.input[0]], [f"{base}/x"], name=f"{base}/flatten", axis=1))
@@ -139,11 +139,13 @@ def convs_to_matmul(model: Any) -> list[str]:
         rewritten.append(node.name or y)
     if not rewritten:
         return []
+    nodes = [copy.copy(n) for n in nodes]  # copies: the originals are about to leave the graph
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(added)
-    # the replaced kernels would be dead weight (and onnxruntime warns about unused initializers)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_inputs(g)
+    # the replaced kernels would be dead weight (and onnxruntime warns about unused initializers); files of
+    # old IR versions also list initializers as graph inputs: those stay
+    used = {i for n in g.node for i in n.input} | {v.name for v in [*g.input, *g.output]} | _subgraph_inputs(g)
     kept = [copy.copy(t) for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(kept)
