@@ -16,6 +16,7 @@ def reference(t: A.Compose, img: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("steps, fast", [
     ([A.Resize(32, 48), A.Normalize(mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))], True),
     ([A.Normalize()], True),
+    ([A.Normalize(mean=0.5, std=0.25)], True),  # one mean and std for every channel
     ([A.Resize(32, 32), A.Normalize(normalization="image")], False),  # per-image statistics: run as stored
     ([A.Resize(32, 32)], False),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -111,6 +113,17 @@ def test_a_file_larger_than_one_read_comes_back_whole(tmp_path):
     data = np.random.default_rng(0).bytes((1 << 22) + 12345)  # more than one os.read
     (tmp_path / "big.bin").write_bytes(data)
     assert _read_bytes(str(tmp_path / "big.bin")) == data
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert _read_bytes(str(tmp_path / "empty.bin")) == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_file_that_reports_no_size_is_read_to_its_end():
+    """/proc files (like pipes and some network mounts) report size 0: read until the end, not 0 bytes."""
+    from visionpipe.images import _read_bytes
+
+    got = _read_bytes("/proc/self/status")
+    assert got.startswith(b"Name:") and b"VmRSS" in got and got.endswith(b"\n")
 
 
 def test_check_images_splits_good_and_bad_without_touching_files(tmp_path):
