@@ -154,7 +154,8 @@ def export(
     quantize: Annotated[str | None, typer.Option("--quantize", help="Also write an int8 model (<out>.int8.onnx) "
                                                     "and compare its accuracy with fp32 on the validation set.")] = None,
     calibration: Annotated[str, typer.Option("--calibration", help="int8: 'static' (activation ranges calibrated on "
-                                             "training images; for CNNs) or 'dynamic' (no data; MatMul/Gemm models).")] = "static",
+                                             "training images; for CNNs) or 'dynamic' (no data; MatMul/Gemm/LSTM layers, including "
+                                             "convolutions exported as matrix products).")] = "static",
     calibration_data: Annotated[str | None, typer.Option("--calibration-data", help="int8 static: images to calibrate "
                                                             "on (folder, glob or .txt list); default: the training split.")] = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=1, help="int8 static: how many images.")] = 256,

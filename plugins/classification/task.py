@@ -197,9 +197,9 @@ class ClassificationPredictor(Predictor):
 
     def postprocess(self, outputs: list[np.ndarray], state: Any) -> dict[str, Any]:
         probs = outputs[1]
-        idx = (-probs).argsort()[: self.k].tolist()
-        values, names = probs.tolist(), self.names
-        return {"labels": [names[i] for i in idx], "scores": [round(values[i], 6) for i in idx]}
+        idx = (-probs).argsort()[: self.k]
+        names = self.names
+        return {"labels": [names[i] for i in idx.tolist()], "scores": [round(v, 6) for v in probs[idx].tolist()]}
 
     def draw(self, image: np.ndarray, record: dict[str, Any]) -> np.ndarray:
         import cv2

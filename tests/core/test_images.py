@@ -117,6 +117,19 @@ def test_a_file_larger_than_one_read_comes_back_whole(tmp_path):
     assert _read_bytes(str(tmp_path / "empty.bin")) == b""
 
 
+@pytest.mark.parametrize("reported", [100, 5000, 10**6])
+def test_a_file_whose_size_changed_since_its_stat_comes_back_whole(tmp_path, monkeypatch, reported):
+    """The size fstat reported is a hint: a file that grew (or shrank) since is read to its end."""
+    from visionpipe.images import _read_bytes
+
+    data = np.random.default_rng(1).bytes(5000)
+    (tmp_path / "f.bin").write_bytes(data)
+    real = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real(fd)[:6], reported, *real(fd)[7:])))
+    assert os.fstat(0).st_size == reported
+    assert _read_bytes(str(tmp_path / "f.bin")) == data
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_a_file_that_reports_no_size_is_read_to_its_end():
     """/proc files (like pipes and some network mounts) report size 0: read until the end, not 0 bytes."""

@@ -119,3 +119,63 @@ def test_a_model_without_shapes_is_returned_unchanged() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     model = helper.make_model(graph)
     assert convs_to_matmul(model) == [] and [n.op_type for n in model.graph.node] == ["Conv"]
+
+
+def _conv_graph(x_hw, w, pads, strides=(1, 1), dilations=(1, 1), bias=True, weight_is_input=False,
+                conv_is_output=False):
+    """x (N, C, H, W) -> Conv -> [Relu] -> y, the weights as initializers (optionally also listed as an input)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, c = w.shape[:2]
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(np.linspace(-1, 1, k, dtype=np.float32),
+                                                                           "b")] if bias else [])
+    conv = helper.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["c"], name="conv", pads=list(pads),
+                            strides=list(strides), dilations=list(dilations))
+    nodes = [conv] + ([] if conv_is_output else [helper.make_node("Relu", ["c"], ["y"])])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, *x_hw])]
+    if weight_is_input:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape)))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("c" if conv_is_output else "y",
+                                                                                  TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model, feed):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+@pytest.mark.parametrize("x_hw,kernel,pads,strides", [  # each one fully connected (every output sees every input)
+    ((2, 3), (3, 5), (1, 2, 1, 2), (1, 1)),   # a map wider than high
+    ((3, 2), (5, 3), (2, 1, 2, 1), (1, 1)),   # higher than wide
+    ((2, 2), (3, 2), (1, 0, 1, 0), (1, 1)),   # a non-square kernel, no padding across: 2x1 out
+    ((2, 2), (3, 3), (1, 1, 0, 0), (1, 1)),   # padded on the leading sides only: 1x1 out
+    ((2, 2), (3, 3), (1, 1, 1, 1), (2, 2)),   # strided: 1x1 out
+])
+def test_asymmetric_and_non_square_geometries_give_the_convolutions_outputs(x_hw, kernel, pads, strides):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 4, *kernel)).astype(np.float32)
+    x = {"x": rng.normal(size=(3, 4, *x_hw)).astype(np.float32)}
+    model = _conv_graph(x_hw, w, pads, strides)
+    want = _run(model, x)
+    assert convs_to_matmul(model) == ["conv"]
+    assert [n.op_type for n in model.graph.node] == ["Flatten", "Gemm", "Reshape", "Relu"]
+    np.testing.assert_allclose(_run(model, x), want, atol=1e-5)
+
+
+def test_convolutions_that_must_stay_convolutions(tmp_path: Path) -> None:
+    """Pointwise kernels, weights a caller may override, a model output, external data: nothing rewritten."""
+    import onnx
+
+    w3 = np.ones((4, 4, 3, 3), np.float32)
+    for model in (_conv_graph((1, 1), np.ones((4, 4, 1, 1), np.float32), (0, 0, 0, 0)),  # onnxruntime's GEMM already
+                  _conv_graph((2, 2), w3, (1, 1, 1, 1), weight_is_input=True),         # an input with a default
+                  _conv_graph((2, 2), w3, (1, 1, 1, 1), conv_is_output=True)):         # int8 keeps outputs float
+        assert convs_to_matmul(model) == [] and model.graph.node[0].op_type == "Conv"
+    onnx.save(_conv_graph((2, 2), w3, (1, 1, 1, 1)), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    external = onnx.load(str(tmp_path / "ext.onnx"), load_external_data=False)
+    assert convs_to_matmul(external) == [] and external.graph.node[0].op_type == "Conv"

@@ -9,8 +9,11 @@ arithmetic), and the rewritten model runs ~13% more images per second in onnxrun
 outputs are the same function (the export's parity check runs on the rewritten model).
 
 A convolution is rewritten only where nothing is lost: static spatial sizes, one group, constant
-weights, no position pair the kernel does not connect (no zeros computed), and a matrix at most
-:data:`MAX_GROWTH` times the kernel's size.
+fp32 weights stored in the file (not inputs a caller may override, not external data), no position
+pair the kernel does not connect (no zeros computed), a matrix at most :data:`MAX_GROWTH` times the
+kernel's size, and an output that is not one of the model's outputs (int8 quantization keeps
+those in float by their producing node). Pointwise (1×1) convolutions are left alone: onnxruntime
+already runs them as matrix products.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_GROWTH = 4.0  # the dense matrix may hold at most this many times the kernel's values
-MAX_MATRIX_BYTES = 256 << 20
+MAX_MATRIX_BYTES = 256 << 20  # per convolution
+MAX_ADDED_BYTES = 1 << 30  # for the whole model: it stays far from protobuf's 2 GB limit
 
 
 @dataclass(frozen=True)
@@ -104,24 +108,32 @@ def _geometry(node: Any, x_shape: list[int | None] | None, y_shape: list[int | N
 def convs_to_matmul(model: Any) -> list[str]:
     """Rewrite, in place, the top-level graph's convolutions that are dense maps (see the module doc); their names."""
     from onnx import helper, numpy_helper
+    from onnx.external_data_helper import uses_external_data
 
     g = model.graph
     shapes = _static_shapes(model)
-    inits = {t.name: t for t in g.initializer}
-    nodes, added, rewritten = [], [], []
+    # constants stored in the file; an initializer also listed as a graph input is a default a caller may override
+    inits = {t.name: t for t in g.initializer if not uses_external_data(t)}
+    for i in g.input:
+        inits.pop(i.name, None)
+    outputs = {o.name for o in g.output}
+    nodes, added, rewritten, added_bytes = [], [], [], 0
     for node in g.node:
         w_init = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if w_init is None or len(w_init.dims) != 4 or (b_name is not None and b_name not in inits):
+        if (w_init is None or len(w_init.dims) != 4 or w_init.dims[2] * w_init.dims[3] == 1
+                or (b_name is not None and b_name not in inits) or node.output[0] in outputs):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(w_init)
         geo = _geometry(node, shapes.get(node.input[0]), shapes.get(node.output[0]), weight.shape[2:])
         size = None if geo is None else weight.shape[0] * weight.shape[1] * np.prod(geo.in_hw) * np.prod(geo.out_hw)
         if (geo is None or weight.dtype != np.float32 or size > MAX_GROWTH * weight.size
-                or size * weight.itemsize > MAX_MATRIX_BYTES or not geo.fully_connected()):
+                or size * weight.itemsize > MAX_MATRIX_BYTES or added_bytes + size * weight.itemsize > MAX_ADDED_BYTES
+                or not geo.fully_connected()):
             nodes.append(node)
             continue
+        added_bytes += size * weight.itemsize
         k, (oh, ow), y = weight.shape[0], geo.out_hw, node.output[0]
         base = f"{y}/as_matmul"  # output names are unique in a graph; node names need not be
         added += [numpy_helper.from_array(dense_matrix(weight, geo), f"{base}/matrix"),
